@@ -1,0 +1,39 @@
+# Two entry points: `make demo` (sample episodes end to end) and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+export DAGSTER_HOME ?= $(CURDIR)/.dagster
+export VLA_EPISODES_DIR ?= data/episodes
+export VLA_STORE ?= data/store.zarr
+# Where these machines keep a CPU build of torch; elsewhere torch comes from PyPI.
+FIND_LINKS ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
+CPU_TORCH := $(firstword $(wildcard $(FIND_LINKS)/torch-*+cpu-*.whl))
+
+.PHONY: install demo test bench ui clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q uv
+	$(if $(CPU_TORCH),$(BIN)/uv pip install -q --python $(PY) "$(CPU_TORCH)",)
+	$(BIN)/uv pip install -q --python $(PY) -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/vla-pipeline sample-episodes $(VLA_EPISODES_DIR) -n 12 --seed 0
+	$(BIN)/vla-pipeline ingest $(VLA_EPISODES_DIR)
+	$(BIN)/vla-pipeline episodes
+
+test: install
+	$(BIN)/pytest -q
+
+bench: install
+	$(PY) benchmarks/ingest.py
+
+ui: install
+	$(BIN)/dagster dev -h 127.0.0.1
+
+clean:
+	rm -rf data .dagster/storage .dagster/history .dagster/schedules .dagster/logs

@@ -1,0 +1,1 @@
+"""Dagster assets over the vla_pipeline library."""

@@ -1,0 +1,3 @@
+from .storage import EpisodeFolder, WindowStoreResource
+
+__all__ = ["EpisodeFolder", "WindowStoreResource"]

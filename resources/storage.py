@@ -1,0 +1,50 @@
+"""Where episodes come from and where the window store lives, as Dagster resources."""
+
+
+import os
+from typing import Optional
+from pathlib import Path
+
+import dagster as dg
+
+from vla_pipeline.episodes import ValidationRules
+from vla_pipeline.schema import IMAGE_SIZE
+from vla_pipeline.store import WindowStore
+
+
+def env_or(name: str, default: str) -> str | dg.EnvVar:
+    """An EnvVar when the variable is set (shown as such in the UI), else the default."""
+    return dg.EnvVar(name) if os.environ.get(name) else default
+
+
+class EpisodeFolder(dg.ConfigurableResource):
+    """The drop folder of raw HDF5 episodes (VLA_EPISODES_DIR)."""
+
+    path: str = "data/episodes"
+
+    def file_for(self, episode_id: str) -> Path:
+        return Path(self.path) / f"{episode_id}.h5"
+
+
+class WindowStoreResource(dg.ConfigurableResource):
+    """The Zarr window store (VLA_STORE) and the rules episodes must meet to enter it."""
+
+    path: str = "data/store.zarr"
+    image_size: int = IMAGE_SIZE
+    window: int = 8
+    chunk: int = 10
+    max_abs_action: float = 1.2
+    min_frames: Optional[int] = None
+    workers: int = min(os.cpu_count() or 1, 8)
+
+    @property
+    def rules(self) -> ValidationRules:
+        return ValidationRules(
+            window=self.window,
+            chunk=self.chunk,
+            max_abs_action=self.max_abs_action,
+            min_frames=self.min_frames,
+        )
+
+    def open(self) -> WindowStore:
+        return WindowStore(self.path).create(self.image_size)

@@ -1,0 +1,168 @@
+"""`vla-pipeline`: sample episodes, ingest a folder through Dagster, list episodes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .ingest import episode_files, is_up_to_date
+from .store import StoreError, WindowStore
+
+
+def _episodes_dir(value: str | None) -> Path:
+    return Path(value or os.environ.get("VLA_EPISODES_DIR") or "data/episodes")
+
+
+def _store_path() -> Path:
+    return Path(os.environ.get("VLA_STORE") or "data/store.zarr")
+
+
+def _dagster_home() -> None:
+    """Use ./.dagster (the repo's sqlite instance) when DAGSTER_HOME is not set."""
+    if os.environ.get("DAGSTER_HOME"):
+        return
+    local = Path.cwd() / ".dagster"
+    if not (local / "dagster.yaml").is_file():
+        raise SystemExit(
+            "DAGSTER_HOME is not set and ./.dagster/dagster.yaml does not exist: "
+            "run from the repository root or export DAGSTER_HOME=/path/to/dagster_home"
+        )
+    os.environ["DAGSTER_HOME"] = str(local)
+
+
+def cmd_sample_episodes(args) -> int:
+    from .samples import write_sample_episodes
+
+    paths = write_sample_episodes(args.out_dir, args.n, seed=args.seed, progress=print)
+    print(f"{len(paths)} sample episodes in {args.out_dir}")
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    folder = _episodes_dir(args.folder)
+    try:
+        files = episode_files(folder)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    _dagster_home()
+    import dagster as dg
+
+    from .definitions import ingest_partitions, resource
+
+    window_store = resource("window_store")
+    store = window_store.open()
+    pending = [f for f in files if not is_up_to_date(store, f, window_store.rules)]
+    print(f"{folder}: {len(files)} episode file(s), {len(files) - len(pending)} already ingested, "
+          f"{len(pending)} to ingest")
+    if not pending:
+        return 0
+    instance = dg.DagsterInstance.get()
+    results = ingest_partitions(
+        instance,
+        [path.stem for path in pending],
+        on_run=lambda first, last, count: print(f"run over {count} partition(s): {first} … {last}"),
+    )
+    failed = [result.run_id for result in results if not result.success]
+    stored = [store.has_episode(path.stem) for path in pending]
+    rejected = [path.stem for path in pending if store.quarantine_record(path.stem)]
+    print(f"done: {sum(stored)} stored, {len(rejected)} rejected, {len(results)} run(s) "
+          f"recorded in {os.environ['DAGSTER_HOME']}")
+    for episode_id in rejected:
+        print(f"  rejected {episode_id}: {store.quarantine_record(episode_id)['reason']}")
+    if failed:
+        print(f"error: run(s) {', '.join(failed)} failed; open the Dagster UI for details", file=sys.stderr)
+        return 1
+    return 0
+
+
+def episode_rows(store: WindowStore, folder: Path | None) -> list[dict]:
+    """Every known episode: stored, rejected, or present in the folder but not yet ingested."""
+    rows = {}
+    for episode_id in store.episode_ids():
+        attrs = store.episode_attrs(episode_id)
+        rows[episode_id] = {
+            "episode_id": episode_id,
+            "status": "stored",
+            "reason": "",
+            "frames": attrs["num_frames"],
+            "windows": len(attrs["window_starts"]),
+            "scenario": attrs["scenario"],
+            "side": attrs["side"],
+            "instruction": attrs["instruction"],
+        }
+    for episode_id in store.quarantined_ids():
+        record = store.quarantine_record(episode_id)
+        rows[episode_id] = {
+            "episode_id": episode_id,
+            "status": "rejected",
+            "reason": record["reason"],
+            "frames": None,
+            "source_file": record["source_file"],
+        }
+    if folder is not None and folder.is_dir():
+        for path in episode_files(folder):
+            rows.setdefault(
+                path.stem, {"episode_id": path.stem, "status": "pending", "reason": "not ingested yet", "frames": None}
+            )
+    return [rows[key] for key in sorted(rows)]
+
+
+def cmd_episodes(args) -> int:
+    store = WindowStore(_store_path())
+    try:
+        rows = episode_rows(store, _episodes_dir(args.folder))
+    except StoreError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    if not rows:
+        print(f"no episodes in {store.path}")
+        return 0
+    for row in rows:
+        detail = (
+            f"{row['frames']:>3} frames  {row['side'] or '?':<5}  {row['scenario'] or '-'}"
+            if row["status"] == "stored"
+            else row["reason"]
+        )
+        print(f"{row['status']:<8}  {row['episode_id']:<56}  {detail}")
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("stored", "rejected", "pending")}
+    print(", ".join(f"{count} {status}" for status, count in counts.items()))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vla-pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sample = commands.add_parser("sample-episodes", help="write synthetic episodes in the collector's layout")
+    sample.add_argument("out_dir", type=Path)
+    sample.add_argument("-n", type=int, default=12, help="number of episodes (default 12)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(run=cmd_sample_episodes)
+
+    ingest = commands.add_parser("ingest", help="validate and store new or changed episodes, through Dagster")
+    ingest.add_argument("folder", nargs="?", help="episode folder (default $VLA_EPISODES_DIR or data/episodes)")
+    ingest.set_defaults(run=cmd_ingest)
+
+    episodes = commands.add_parser("episodes", help="list stored, rejected and pending episodes")
+    episodes.add_argument("--json", action="store_true", help="one JSON object per line")
+    episodes.add_argument("--folder", help="episode folder to look for pending files")
+    episodes.set_defaults(run=cmd_episodes)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

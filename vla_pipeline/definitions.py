@@ -1,0 +1,84 @@
+"""The Dagster code location, and in-process runs of it for the command line.
+
+This is the one module of the package that imports Dagster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import warnings
+
+import dagster as dg
+
+# Partitioned asset checks and backfill policies are marked preview/beta in this Dagster
+# release; they are used on purpose (per-episode checks, one run per batch).
+warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
+from assets.episodes import episode_partitions, episode_windows, raw_episode
+from resources import EpisodeFolder, WindowStoreResource
+from resources.storage import env_or
+
+ingest_job = dg.define_asset_job(
+    "ingest_job",
+    selection=[raw_episode, episode_windows],
+    partitions_def=episode_partitions,
+    description="Validate episode files and write them into the window store.",
+)
+
+defs = dg.Definitions(
+    assets=[raw_episode, episode_windows],
+    jobs=[ingest_job],
+    resources={
+        "episode_folder": EpisodeFolder(path=env_or("VLA_EPISODES_DIR", "data/episodes")),
+        "window_store": WindowStoreResource(path=env_or("VLA_STORE", "data/store.zarr")),
+    },
+)
+
+
+def resource(name: str):
+    """A configured resource of the code location (EnvVars resolved), for use outside a run."""
+    return defs.resources[name].process_config_and_initialize()
+
+
+def contiguous_ranges(selected: Sequence[str], ordered: Sequence[str]) -> list[tuple[str, str]]:
+    """Split `selected` keys into runs of neighbours in partition order."""
+    position = {key: index for index, key in enumerate(ordered)}
+    indices = sorted(position[key] for key in selected)
+    ranges: list[tuple[str, str]] = []
+    for index in indices:
+        if ranges and position[ranges[-1][1]] == index - 1:
+            ranges[-1] = (ranges[-1][0], ordered[index])
+        else:
+            ranges.append((ordered[index], ordered[index]))
+    return ranges
+
+
+def ingest_partitions(
+    instance: dg.DagsterInstance, episode_ids: Sequence[str], log_level: str = "INFO",
+    on_run: Callable[[str, str, int], None] | None = None,
+) -> list[dg.ExecuteInProcessResult]:
+    """Register and ingest episodes through `ingest_job`, one run per contiguous key range."""
+    known = set(instance.get_dynamic_partitions(episode_partitions.name))
+    new = [key for key in episode_ids if key not in known]
+    if new:
+        instance.add_dynamic_partitions(episode_partitions.name, new)
+    ordered = instance.get_dynamic_partitions(episode_partitions.name)
+    job = defs.resolve_job_def("ingest_job")
+    results = []
+    for first, last in contiguous_ranges(episode_ids, ordered):
+        if on_run:
+            on_run(first, last, ordered.index(last) - ordered.index(first) + 1)
+        results.append(
+            job.execute_in_process(
+                instance=instance,
+                tags={
+                    "dagster/asset_partition_range_start": first,
+                    "dagster/asset_partition_range_end": last,
+                },
+                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+                raise_on_error=False,
+            )
+        )
+    return results

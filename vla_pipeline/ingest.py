@@ -1,0 +1,141 @@
+"""From HDF5 files to the window store: one episode at a time, or a batch on several processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .episodes import EpisodeRejected, ValidationRules, content_hash, inspect_episode, read_frames
+from .schema import IMAGE_SIZE, window_starts
+from .store import WindowStore
+
+# Names of files still being copied or written by other tools.
+TEMPORARY_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".swp")
+
+
+@dataclass
+class IngestOutcome:
+    episode_id: str
+    status: str  # "stored", "unchanged" or "rejected"
+    reason: str = ""
+    frames: int = 0
+    seconds: float = 0.0
+    summary: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        detail = f"{self.frames} frames, {self.seconds:.2f}s" if self.status == "stored" else self.reason
+        return f"{self.status:<9} {self.episode_id}" + (f"  ({detail})" if detail else "")
+
+
+def episode_files(folder: Path | str) -> list[Path]:
+    """The *.h5 files directly in `folder`, oldest name first; anything else is ignored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"episode folder {folder} does not exist; create it and drop *.h5 files in")
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.suffix == ".h5" and path.is_file() and not path.name.startswith(".")
+    )
+
+
+def _ingested_as(store: WindowStore, episode_id: str, digest: str | None, rules: ValidationRules) -> str | None:
+    """'stored' or 'rejected' when this exact content was already ingested under these rules."""
+    for status, record in (
+        ("stored", store.episode_attrs(episode_id)),
+        ("rejected", store.quarantine_record(episode_id)),
+    ):
+        if record and record.get("content_hash") == digest and record.get("rules") == asdict(rules):
+            return status
+    return None
+
+
+def is_up_to_date(store: WindowStore, path: Path, rules: ValidationRules) -> bool:
+    return _ingested_as(store, path.stem, content_hash(path), rules) is not None
+
+
+def ingest_episode(
+    path: Path | str,
+    store_path: Path | str,
+    rules: ValidationRules = ValidationRules(),
+    image_size: int = IMAGE_SIZE,
+    force: bool = False,
+) -> IngestOutcome:
+    """Validate, resize and store one episode, or quarantine it. Never raises for a bad file."""
+    started = time.perf_counter()
+    path = Path(path)
+    store = WindowStore(store_path)
+    digest = content_hash(path) if path.is_file() else None
+    if not force and _ingested_as(store, path.stem, digest, rules) == "stored":
+        attrs = store.episode_attrs(path.stem)
+        return IngestOutcome(path.stem, "unchanged", frames=attrs["num_frames"], summary=attrs)
+    try:
+        header = inspect_episode(path, rules, digest)
+        frames = read_frames(header, image_size, rules)
+    except EpisodeRejected as rejection:
+        record = {
+            "episode_id": path.stem,
+            "source_file": str(path),
+            "reason": rejection.reason,
+            "content_hash": digest,
+            "rules": asdict(rules),
+        }
+        store.quarantine(path.stem, record)
+        return IngestOutcome(path.stem, "rejected", rejection.reason, seconds=time.perf_counter() - started)
+
+    summary = {
+        **header.summary(),
+        "rules": asdict(rules),
+        "window": rules.window,
+        "chunk": rules.chunk,
+        "window_starts": window_starts(header.num_frames, rules.window, rules.chunk),
+        "image_size": image_size,
+        "colour_order": "RGB",
+    }
+    store.write_episode(header.episode_id, frames, header.actions[:, :2], header.event_types, summary)
+    return IngestOutcome(
+        header.episode_id,
+        "stored",
+        frames=header.num_frames,
+        seconds=time.perf_counter() - started,
+        summary=summary,
+    )
+
+
+def ingest_episodes(
+    paths: Iterable[Path | str],
+    store_path: Path | str,
+    rules: ValidationRules = ValidationRules(),
+    image_size: int = IMAGE_SIZE,
+    workers: int = 1,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[IngestOutcome]:
+    """Ingest many episodes; `workers` > 1 spreads them over processes. Order is kept."""
+    paths = [Path(p) for p in paths]
+    WindowStore(store_path).create(image_size)
+    report = progress or (lambda line: None)
+    outcomes: list[IngestOutcome] = []
+
+    def record(outcome: IngestOutcome) -> None:
+        outcomes.append(outcome)
+        report(f"[{len(outcomes)}/{len(paths)}] {outcome.line()}")
+
+    if workers <= 1 or len(paths) <= 1:
+        for path in paths:
+            record(ingest_episode(path, store_path, rules, image_size, force))
+        return outcomes
+    # forkserver: workers do not inherit the caller's threads, locks or open database handles.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["vla_pipeline.ingest"])
+    with ProcessPoolExecutor(min(workers, len(paths)), mp_context=context) as pool:
+        futures = [
+            pool.submit(ingest_episode, path, store_path, rules, image_size, force) for path in paths
+        ]
+        for future in futures:
+            record(future.result())
+    return outcomes

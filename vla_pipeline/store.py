@@ -1,0 +1,176 @@
+"""The Zarr window store: resized RGB frames and actions, one group per episode.
+
+Layout (Zarr v3):
+
+    store.zarr/
+      zarr.json                     root group, attrs: layout_version, image_size
+      episodes/<episode_id>/        one group per stored episode (attrs: see EpisodeRecord)
+        images       (T,224,224,3) uint8, one chunk per frame, one shard file per episode
+        actions      (T,2) float32, (linear_x, linear_y) in raw robot units
+        event_types  (T,) string
+      quarantine/<episode_id>.json  rejected episodes: reason and source hash
+      .staging/                     episodes being written; never read
+
+An episode is written whole under .staging/ and renamed into episodes/, so a crash
+mid-write leaves nothing half-visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from .stats import ActionStats
+
+LAYOUT_VERSION = 1
+STAGING_MAX_AGE_S = 3600
+
+
+class StoreError(Exception):
+    pass
+
+
+class WindowStore:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.episodes_dir = self.path / "episodes"
+        self.quarantine_dir = self.path / "quarantine"
+        self.staging_dir = self.path / ".staging"
+
+    def create(self, image_size: int) -> WindowStore:
+        """Create the store if missing (idempotent) and clear stale staging leftovers."""
+        if (self.path / "zarr.json").exists():
+            layout = zarr.open_group(self.path, mode="r").attrs.get("layout_version")
+            if layout != LAYOUT_VERSION:
+                raise StoreError(
+                    f"{self.path}: store layout {layout}, this version reads {LAYOUT_VERSION}; "
+                    "point VLA_STORE at a new path to rebuild it"
+                )
+        else:
+            root = zarr.open_group(self.path, mode="a")
+            root.attrs.update({"layout_version": LAYOUT_VERSION, "image_size": image_size})
+            root.require_group("episodes")
+        for folder in (self.episodes_dir, self.quarantine_dir, self.staging_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._clear_stale_staging()
+        return self
+
+    def _clear_stale_staging(self) -> None:
+        now = time.time()
+        for leftover in self.staging_dir.iterdir():
+            if now - leftover.stat().st_mtime > STAGING_MAX_AGE_S:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    # --- reading -----------------------------------------------------------------
+
+    def episode_ids(self) -> list[str]:
+        if not self.episodes_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.episodes_dir.iterdir() if (p / "zarr.json").is_file())
+
+    def quarantined_ids(self) -> list[str]:
+        if not self.quarantine_dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.quarantine_dir.glob("*.json"))
+
+    def has_episode(self, episode_id: str) -> bool:
+        return (self.episodes_dir / episode_id / "zarr.json").is_file()
+
+    def open_episode(self, episode_id: str) -> zarr.Group:
+        if not self.has_episode(episode_id):
+            raise StoreError(f"{self.path}: no stored episode {episode_id!r}")
+        return zarr.open_group(self.episodes_dir / episode_id, mode="r")
+
+    def episode_attrs(self, episode_id: str) -> dict | None:
+        return dict(self.open_episode(episode_id).attrs) if self.has_episode(episode_id) else None
+
+    def quarantine_record(self, episode_id: str) -> dict | None:
+        path = self.quarantine_dir / f"{episode_id}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def known_hash(self, episode_id: str) -> str | None:
+        """Content hash of the source file last ingested under this id, stored or rejected."""
+        record = self.episode_attrs(episode_id) or self.quarantine_record(episode_id) or {}
+        return record.get("content_hash")
+
+    def action_stats(self, episode_ids) -> ActionStats:
+        """Dataset-wide action statistics merged from the per-episode ones, without a rescan."""
+        return ActionStats.merge(
+            ActionStats.from_dict(self.episode_attrs(episode_id)["action_stats"])
+            for episode_id in episode_ids
+        )
+
+    # --- writing -----------------------------------------------------------------
+
+    def write_episode(
+        self,
+        episode_id: str,
+        images: np.ndarray,
+        actions: np.ndarray,
+        event_types: list[str],
+        attrs: dict,
+    ) -> None:
+        """Atomically write (or replace) one episode; clears any quarantine record for it."""
+        num_frames = images.shape[0]
+        staging = self.staging_dir / f"{episode_id}.{uuid.uuid4().hex}"
+        group = zarr.open_group(staging, mode="w")
+        group.create_array(
+            "images",
+            data=images,
+            chunks=(1, *images.shape[1:]),
+            shards=images.shape,
+            compressors=BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),
+        )
+        group.create_array("actions", data=actions.astype(np.float32), chunks=actions.shape)
+        events = group.create_array("event_types", shape=(num_frames,), dtype=str)
+        events[:] = np.asarray(event_types, dtype=object)
+        group.attrs.update(
+            {
+                **attrs,
+                "action_stats": ActionStats.of(actions).to_dict(),
+                "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+        self._publish(staging, self.episodes_dir / episode_id)
+        self._remove_file(self.quarantine_dir / f"{episode_id}.json")
+
+    def _publish(self, staging: Path, final: Path) -> None:
+        if final.exists():
+            # A directory cannot be renamed over a non-empty one: move the old one aside first.
+            retired = self.staging_dir / f"{final.name}.retired.{uuid.uuid4().hex}"
+            os.replace(final, retired)
+            os.replace(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+
+    def quarantine(self, episode_id: str, record: dict) -> None:
+        """Record a rejected episode and withdraw any earlier stored version of it."""
+        record = {**record, "quarantined_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        temporary = self.quarantine_dir / f".{episode_id}.{uuid.uuid4().hex}.tmp"
+        temporary.write_text(json.dumps(record, indent=1))
+        os.replace(temporary, self.quarantine_dir / f"{episode_id}.json")
+        self.remove_episode(episode_id)
+
+    def remove_episode(self, episode_id: str) -> None:
+        final = self.episodes_dir / episode_id
+        if final.exists():
+            retired = self.staging_dir / f"{episode_id}.retired.{uuid.uuid4().hex}"
+            os.replace(final, retired)
+            shutil.rmtree(retired, ignore_errors=True)
+
+    @staticmethod
+    def _remove_file(path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
