@@ -1,0 +1,62 @@
+"""The sample generator writes the collector's exact layouts, deterministically."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from vla_pipeline.episodes import inspect_episode, read_frames
+from vla_pipeline.samples import write_sample_episodes
+from vla_pipeline.schema import ACTION_SCALE, parse_scenario
+
+
+def test_layouts_names_and_values(tmp_path):
+    paths = write_sample_episodes(tmp_path, 6, seed=4, height=96, width=128)
+    assert [p.name for p in paths] == sorted(p.name for p in paths)
+    sides = [parse_scenario(p.stem).side for p in paths]
+    assert sides.count("left") == sides.count("right") == 3
+    layouts = set()
+    for path in paths:
+        with h5py.File(path) as h5:
+            layout = "images" if "images" in h5 else "observations/images"
+            layouts.add(layout)
+            images = h5[layout]
+            assert images.dtype == np.uint8 and images.shape[1:] == (96, 128, 3)
+            assert images.compression == "gzip"
+            actions = h5["actions"][()]
+            assert actions.dtype == np.float32 and actions.shape == (images.shape[0], 3)
+            magnitudes = np.abs(actions.astype(np.float64))
+            assert np.all(np.isclose(magnitudes, 0) | np.isclose(magnitudes, ACTION_SCALE))
+            assert not actions[0].any()
+            if layout == "images":
+                events = [e.decode() for e in h5["action_event_types"][()]]
+                assert events[0] == "episode_start" and set(events[1:]) <= {"start_action", "stop_action"}
+                for attr in ("episode_name", "total_duration", "num_frames", "action_chunk_size",
+                             "obstacle_layout_type", "time_period", "collection_datetime"):
+                    assert attr in h5.attrs
+                assert "fps" not in h5.attrs
+            else:
+                assert "basket_" in path.name and {"scenario", "pattern", "distance"} <= set(h5.attrs)
+                assert h5["language_instruction"].dtype.kind == "S"
+    assert layouts == {"images", "observations/images"}
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    first = write_sample_episodes(tmp_path / "a", 2, seed=7, height=64, width=96)
+    second = write_sample_episodes(tmp_path / "b", 2, seed=7, height=64, width=96)
+    other = write_sample_episodes(tmp_path / "c", 2, seed=8, height=64, width=96)
+    for a, b, c in zip(first, second, other):
+        assert a.name == b.name
+        with h5py.File(a) as ha, h5py.File(b) as hb, h5py.File(c) as hc:
+            assert np.array_equal(ha["images"][()], hb["images"][()])
+            assert np.array_equal(ha["actions"][()], hb["actions"][()])
+            assert not np.array_equal(ha["images"][()], hc["images"][()])
+
+
+def test_obstacle_is_red_after_conversion(tmp_path):
+    """The obstacle is drawn red; in the store (RGB) red must dominate where it stands."""
+    path = write_sample_episodes(tmp_path, 1, seed=0, height=180, width=320)[0]
+    frames = read_frames(inspect_episode(path)).astype(int)
+    red = (frames[..., 0] > 150) & (frames[..., 1] < 80) & (frames[..., 2] < 80)
+    blue = (frames[..., 2] > 150) & (frames[..., 0] < 80) & (frames[..., 1] < 80)
+    assert red.sum() > 10 * max(blue.sum(), 1)
