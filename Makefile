@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
+# `dagster asset materialize` finds the code location through this, not pyproject.toml.
+export DAGSTER_MODULE_NAME ?= vla_pipeline.definitions
 export VLA_EPISODES_DIR ?= data/episodes
 export VLA_STORE ?= data/store.zarr
 # Where these machines keep a CPU build of torch; elsewhere torch comes from PyPI.

@@ -5,7 +5,7 @@ Layout (Zarr v3):
     store.zarr/
       zarr.json                     root group, attrs: layout_version, image_size
       episodes/<episode_id>/        one group per stored episode (attrs: see EpisodeRecord)
-        images       (T,224,224,3) uint8, one chunk per frame, one shard file per episode
+        images       (T,224,224,3) uint8, one chunk per frame, one shard file per episode, uncompressed
         actions      (T,2) float32, (linear_x, linear_y) in raw robot units
         event_types  (T,) string
       quarantine/<episode_id>.json  rejected episodes: reason and source hash
@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
 from .stats import ActionStats
 
@@ -128,7 +127,9 @@ class WindowStore:
             data=images,
             chunks=(1, *images.shape[1:]),
             shards=images.shape,
-            compressors=BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),
+            # Camera frames barely compress losslessly (benchmarks/store_codecs.py: -19% size
+            # for lz4, at 0.6x the window read speed), so frames are stored raw.
+            compressors=None,
         )
         group.create_array("actions", data=actions.astype(np.float32), chunks=actions.shape)
         events = group.create_array("event_types", shape=(num_frames,), dtype=str)
