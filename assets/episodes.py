@@ -7,6 +7,9 @@ cost once. Metadata and check results are still recorded per partition.
 
 
 import dagster as dg
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,  # not exported at the top level in 1.13
+)
 
 from resources import EpisodeFolder, WindowStoreResource
 from vla_pipeline.contracts import colour_error, colour_order_ok, schema_problems
@@ -20,21 +23,50 @@ STORE_SCHEMA = "stored_schema"
 RGB_ORDER = "rgb_channel_order"
 
 
-def _check(asset: str, name: str, partition: str, passed: bool, metadata: dict, warn=False):
-    return dg.AssetCheckEvaluation(
-        asset_key=dg.AssetKey(asset),
-        check_name=name,
-        passed=passed,
-        metadata=metadata,
-        partition=partition,
-        severity=dg.AssetCheckSeverity.WARN if warn else dg.AssetCheckSeverity.ERROR,
-    )
+class PartitionChecks:
+    """Check results per partition, logged once the partitions' materializations exist.
 
+    Dagster's AssetCheckResult cannot name a partition inside a multi-partition run, so the
+    evaluations are logged directly, each pointing at its partition's new materialization
+    (which makes it the current result in the UI).
+    """
 
-def _check_outputs(context: dg.AssetExecutionContext, asset: str, names):
-    # Results are logged per partition above; the check outputs themselves carry nothing.
-    for name in names:
-        yield dg.Output(None, output_name=f"{asset}_{name}")
+    def __init__(self, asset: str, names: list[str]):
+        self.asset_key = dg.AssetKey(asset)
+        self.names = names
+        self.results: list[tuple[str, str, bool, dict, bool]] = []
+
+    def add(self, name: str, partition: str, passed: bool, metadata: dict, warn: bool = False) -> None:
+        self.results.append((name, partition, passed, metadata, warn))
+
+    def emit(self, context: dg.AssetExecutionContext):
+        partitions = sorted({partition for _, partition, *_ in self.results})
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=self.asset_key, asset_partitions=partitions),
+            limit=max(len(partitions), 1),
+        ).records
+        targets = {
+            record.partition_key: AssetCheckEvaluationTargetMaterializationData(
+                run_id=record.run_id, storage_id=record.storage_id, timestamp=record.timestamp
+            )
+            for record in records
+            if record.run_id == context.run_id
+        }
+        for name, partition, passed, metadata, warn in self.results:
+            context.log_event(
+                dg.AssetCheckEvaluation(
+                    asset_key=self.asset_key,
+                    check_name=name,
+                    passed=passed,
+                    metadata=metadata,
+                    partition=partition,
+                    target_materialization_data=targets.get(partition),
+                    severity=dg.AssetCheckSeverity.WARN if warn else dg.AssetCheckSeverity.ERROR,
+                )
+            )
+        # The check outputs themselves carry nothing; they only close the declared specs.
+        for name in self.names:
+            yield dg.Output(None, output_name=f"{self.asset_key.path[-1]}_{name}")
 
 
 @dg.asset(
@@ -51,6 +83,7 @@ def raw_episode(context: dg.AssetExecutionContext, episode_folder: EpisodeFolder
     `episode_is_valid` check) and never reaches the store; other partitions go on.
     """
     rules = window_store.rules
+    checks = PartitionChecks("raw_episode", [RAW_VALID])
     for episode_id in context.partition_keys:
         path = episode_folder.file_for(episode_id)
         try:
@@ -65,11 +98,9 @@ def raw_episode(context: dg.AssetExecutionContext, episode_folder: EpisodeFolder
             summary = {"status": "rejected", "reason": reason, "source_file": str(path)}
             context.log.warning(f"{episode_id}: rejected: {reason}")
         context.add_asset_metadata(summary, partition_key=episode_id)
-        context.log_event(
-            _check("raw_episode", RAW_VALID, episode_id, not reason, {"reason": reason or "ok"})
-        )
+        checks.add(RAW_VALID, episode_id, not reason, {"reason": reason or "ok"})
     yield dg.MaterializeResult()
-    yield from _check_outputs(context, "raw_episode", [RAW_VALID])
+    yield from checks.emit(context)
 
 
 @dg.asset(
@@ -102,13 +133,13 @@ def episode_windows(
         workers=window_store.workers,
         progress=context.log.info,
     )
+    checks = PartitionChecks("episode_windows", [STORE_SCHEMA, RGB_ORDER])
     for outcome in outcomes:
         key = outcome.episode_id
         if outcome.status == "rejected":
             context.add_asset_metadata({"status": "rejected", "reason": outcome.reason}, partition_key=key)
             for name in (STORE_SCHEMA, RGB_ORDER):
-                quarantined = {"reason": f"quarantined: {outcome.reason}"}
-                context.log_event(_check("episode_windows", name, key, False, quarantined, warn=True))
+                checks.add(name, key, False, {"reason": f"quarantined: {outcome.reason}"}, warn=True)
             continue
         summary = outcome.summary
         context.add_asset_metadata(
@@ -124,13 +155,11 @@ def episode_windows(
             partition_key=key,
         )
         problems = schema_problems(store, key, window_store.max_abs_action)
-        context.log_event(
-            _check("episode_windows", STORE_SCHEMA, key, not problems, {"problems": "; ".join(problems) or "none"})
-        )
+        checks.add(STORE_SCHEMA, key, not problems, {"problems": "; ".join(problems) or "none"})
         errors = colour_error(store, key)
-        context.log_event(_check("episode_windows", RGB_ORDER, key, colour_order_ok(errors), errors))
+        checks.add(RGB_ORDER, key, colour_order_ok(errors), errors)
     stored = sum(o.status == "stored" for o in outcomes)
     rejected = sum(o.status == "rejected" for o in outcomes)
     context.log.info(f"{stored} stored, {len(outcomes) - stored - rejected} unchanged, {rejected} rejected")
     yield dg.MaterializeResult()
-    yield from _check_outputs(context, "episode_windows", [STORE_SCHEMA, RGB_ORDER])
+    yield from checks.emit(context)

@@ -64,6 +64,7 @@ def cmd_ingest(args) -> int:
     results = ingest_partitions(
         instance,
         [path.stem for path in pending],
+        folder=str(folder.resolve()),
         on_run=lambda first, last, count: print(f"run over {count} partition(s): {first} … {last}"),
     )
     failed = [result.run_id for result in results if not result.success]

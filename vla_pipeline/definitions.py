@@ -7,14 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import warnings
-
 import dagster as dg
-
-# Partitioned asset checks and backfill policies are marked preview/beta in this Dagster
-# release; they are used on purpose (per-episode checks, one run per batch).
-warnings.filterwarnings("ignore", category=dg.PreviewWarning)
-warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 from assets.episodes import episode_partitions, episode_windows, raw_episode
 from resources import EpisodeFolder, WindowStoreResource
@@ -56,10 +49,16 @@ def contiguous_ranges(selected: Sequence[str], ordered: Sequence[str]) -> list[t
 
 
 def ingest_partitions(
-    instance: dg.DagsterInstance, episode_ids: Sequence[str], log_level: str = "INFO",
+    instance: dg.DagsterInstance,
+    episode_ids: Sequence[str],
+    folder: str | None = None,
+    log_level: str = "INFO",
     on_run: Callable[[str, str, int], None] | None = None,
 ) -> list[dg.ExecuteInProcessResult]:
-    """Register and ingest episodes through `ingest_job`, one run per contiguous key range."""
+    """Register and ingest episodes through `ingest_job`, one run per contiguous key range.
+
+    `folder` overrides the episode folder resource for these runs (recorded in their config).
+    """
     known = set(instance.get_dynamic_partitions(episode_partitions.name))
     new = [key for key in episode_ids if key not in known]
     if new:
@@ -77,7 +76,10 @@ def ingest_partitions(
                     "dagster/asset_partition_range_start": first,
                     "dagster/asset_partition_range_end": last,
                 },
-                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+                run_config={
+                    "loggers": {"console": {"config": {"log_level": log_level}}},
+                    **({"resources": {"episode_folder": {"config": {"path": folder}}}} if folder else {}),
+                },
                 raise_on_error=False,
             )
         )

@@ -8,6 +8,7 @@ Two layouts exist: the original one (`images`, BGR) and a later one
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,9 +125,18 @@ def inspect_episode(
     except EpisodeRejected:
         raise
     except Exception as error:  # h5py raises OSError/KeyError/RuntimeError on damaged files
-        raise EpisodeRejected(
-            path, f"file is damaged or truncated ({error}); re-copy it from the robot"
-        ) from error
+        raise EpisodeRejected(path, _damage_reason(error)) from error
+
+
+def _damage_reason(error: Exception) -> str:
+    sizes = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(error))
+    if sizes:
+        present, expected = (int(n) for n in sizes.groups())
+        return (
+            f"truncated HDF5 file: {present:,} of {expected:,} bytes present "
+            "(copy interrupted?); re-copy it from the robot"
+        )
+    return f"file is damaged or truncated ({error}); re-copy it from the robot"
 
 
 def _check_container(path: Path) -> None:

@@ -43,19 +43,28 @@ def episode_files(folder: Path | str) -> list[Path]:
     )
 
 
-def _ingested_as(store: WindowStore, episode_id: str, digest: str | None, rules: ValidationRules) -> str | None:
-    """'stored' or 'rejected' when this exact content was already ingested under these rules."""
+def _ingested_as(store: WindowStore, path: Path, rules: ValidationRules, digest: str | None = None) -> str | None:
+    """'stored' or 'rejected' when this exact file content was already ingested under these rules.
+
+    An unchanged size and modification time stand for unchanged content (as in rsync and
+    make); otherwise the content hash decides, so a touched but identical file is not redone.
+    """
     for status, record in (
-        ("stored", store.episode_attrs(episode_id)),
-        ("rejected", store.quarantine_record(episode_id)),
+        ("stored", store.episode_attrs(path.stem)),
+        ("rejected", store.quarantine_record(path.stem)),
     ):
-        if record and record.get("content_hash") == digest and record.get("rules") == asdict(rules):
+        if not record or record.get("rules") != asdict(rules) or not path.is_file():
+            continue
+        stat = path.stat()
+        if (record.get("size_bytes"), record.get("source_mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+            return status
+        if record.get("content_hash") == (digest or content_hash(path)):
             return status
     return None
 
 
 def is_up_to_date(store: WindowStore, path: Path, rules: ValidationRules) -> bool:
-    return _ingested_as(store, path.stem, content_hash(path), rules) is not None
+    return _ingested_as(store, path, rules) is not None
 
 
 def ingest_episode(
@@ -69,8 +78,9 @@ def ingest_episode(
     started = time.perf_counter()
     path = Path(path)
     store = WindowStore(store_path)
+    mtime_ns = path.stat().st_mtime_ns if path.is_file() else None  # taken before hashing
     digest = content_hash(path) if path.is_file() else None
-    if not force and _ingested_as(store, path.stem, digest, rules) == "stored":
+    if not force and _ingested_as(store, path, rules, digest) == "stored":
         attrs = store.episode_attrs(path.stem)
         return IngestOutcome(path.stem, "unchanged", frames=attrs["num_frames"], summary=attrs)
     try:
@@ -82,6 +92,8 @@ def ingest_episode(
             "source_file": str(path),
             "reason": rejection.reason,
             "content_hash": digest,
+            "size_bytes": path.stat().st_size if path.is_file() else None,
+            "source_mtime_ns": mtime_ns,
             "rules": asdict(rules),
         }
         store.quarantine(path.stem, record)
@@ -89,6 +101,7 @@ def ingest_episode(
 
     summary = {
         **header.summary(),
+        "source_mtime_ns": mtime_ns,
         "rules": asdict(rules),
         "window": rules.window,
         "chunk": rules.chunk,
