@@ -5,16 +5,15 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import cv2
 
 from .episodes import EpisodeRejected, ValidationRules, content_hash, inspect_episode, read_frames
 from .schema import IMAGE_SIZE, window_starts
 from .store import WindowStore
-
-# Names of files still being copied or written by other tools.
-TEMPORARY_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".swp")
 
 
 @dataclass
@@ -145,10 +144,23 @@ def ingest_episodes(
     # forkserver: workers do not inherit the caller's threads, locks or open database handles.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["vla_pipeline.ingest"])
-    with ProcessPoolExecutor(min(workers, len(paths)), mp_context=context) as pool:
-        futures = [
-            pool.submit(ingest_episode, path, store_path, rules, image_size, force) for path in paths
-        ]
-        for future in futures:
-            record(future.result())
-    return outcomes
+    # Largest files first, so no long episode is left running alone at the end.
+    order = sorted(range(len(paths)), key=lambda i: -_size(paths[i]))
+    results: list[IngestOutcome | None] = [None] * len(paths)
+    with ProcessPoolExecutor(min(workers, len(paths)), mp_context=context, initializer=_one_thread) as pool:
+        futures = {
+            pool.submit(ingest_episode, paths[i], store_path, rules, image_size, force): i for i in order
+        }
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            record(results[futures[future]])
+    return results
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _one_thread() -> None:
+    # Each worker owns one core; OpenCV's own thread pool would only oversubscribe it.
+    cv2.setNumThreads(1)
