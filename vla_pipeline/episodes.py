@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import h5py
 import numpy as np
 import xxhash
 
+from .h5chunks import frame_blocks
 from .schema import IMAGE_SIZE, Scenario, parse_scenario, side_of_instruction
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -292,7 +292,7 @@ def read_frames(
     blank = []
     try:
         with h5py.File(header.path, "r") as h5:
-            for start, block in _frame_blocks(h5[header.image_dataset]):
+            for start, block in frame_blocks(h5[header.image_dataset], header.path):
                 for offset, frame in enumerate(block):
                     # The whole field of view matters (obstacles sit left or right),
                     # so the frame is squashed to a square rather than cropped.
@@ -315,11 +315,3 @@ def read_frames(
             "the camera delivered no picture, re-record the episode",
         )
     return frames
-
-
-def _frame_blocks(dataset: h5py.Dataset) -> Iterator[tuple[int, np.ndarray]]:
-    """Read in blocks aligned to the HDF5 chunks, so each compressed chunk is inflated once."""
-    chunk_frames = dataset.chunks[0] if dataset.chunks else 1
-    block = max(chunk_frames, 16 // chunk_frames * chunk_frames)
-    for start in range(0, dataset.shape[0], block):
-        yield start, dataset[start : start + block]
