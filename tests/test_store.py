@@ -165,6 +165,16 @@ def test_bad_file_among_good_ones(episode_dir, store):
     assert store.quarantined_ids() == [bad.stem]
 
 
+def test_parallel_ingest_keeps_input_order(episode_dir, store):
+    paths = [write_episode_file(episode_dir / f"episode_2025061{i}_101502_1box_hori_left_core_far.h5",
+                                frames=18 + 3 * i, seed=i) for i in range(5)]
+    lines = []
+    outcomes = ingest_episodes(paths, store.path, workers=3, progress=lines.append)
+    assert [o.episode_id for o in outcomes] == [p.stem for p in paths]
+    assert [o.frames for o in outcomes] == [18, 21, 24, 27, 30]
+    assert len(lines) == 5 and lines[-1].startswith("[5/5]")
+
+
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         episode_files(tmp_path / "nope")

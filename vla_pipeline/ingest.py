@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing
+import queue
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -141,19 +144,52 @@ def ingest_episodes(
         for path in paths:
             record(ingest_episode(path, store_path, rules, image_size, force))
         return outcomes
+    return _ingest_in_parallel(paths, workers, record, ingest_episode, store_path, rules, image_size, force)
+
+
+def _ingest_in_parallel(paths: list[Path], workers: int, record, job, *args) -> list[IngestOutcome]:
+    """Run `job(path, *args)` on `workers - 1` processes plus this one, largest files first.
+
+    This process works too, so the batch starts at once while the worker processes start
+    (about a second: they import the libraries afresh).
+    """
+    todo = deque(sorted(range(len(paths)), key=lambda i: -_size(paths[i])))
+    lock = threading.Lock()
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    results: list[IngestOutcome | None] = [None] * len(paths)
+
+    def take() -> int | None:
+        with lock:
+            return todo.popleft() if todo else None
+
+    def feed(pool: ProcessPoolExecutor) -> None:
+        index = take()
+        if index is None:
+            return
+        future = pool.submit(job, paths[index], *args)
+        future.add_done_callback(lambda done: (finished.put((index, done)), feed(pool)))
+
+    def drain(block: bool) -> None:
+        while not finished.empty() or (block and None in results):
+            index, outcome = finished.get()
+            results[index] = outcome.result() if isinstance(outcome, Future) else outcome
+            record(results[index])
+
     # forkserver: workers do not inherit the caller's threads, locks or open database handles.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["vla_pipeline.ingest"])
-    # Largest files first, so no long episode is left running alone at the end.
-    order = sorted(range(len(paths)), key=lambda i: -_size(paths[i]))
-    results: list[IngestOutcome | None] = [None] * len(paths)
-    with ProcessPoolExecutor(min(workers, len(paths)), mp_context=context, initializer=_one_thread) as pool:
-        futures = {
-            pool.submit(ingest_episode, paths[i], store_path, rules, image_size, force): i for i in order
-        }
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            record(results[futures[future]])
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with ProcessPoolExecutor(workers - 1, mp_context=context, initializer=_one_thread) as pool:
+            for _ in range(workers - 1):
+                feed(pool)
+            while (index := take()) is not None:
+                finished.put((index, job(paths[index], *args)))
+                drain(block=False)
+            drain(block=True)
+    finally:
+        cv2.setNumThreads(threads)
     return results
 
 
