@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .ingest import episode_files, is_up_to_date
+from .schema import parse_scenario
 from .store import StoreError, WindowStore
 
 
@@ -97,11 +98,14 @@ def episode_rows(store: WindowStore, folder: Path | None) -> list[dict]:
         }
     for episode_id in store.quarantined_ids():
         record = store.quarantine_record(episode_id)
+        scenario = parse_scenario(episode_id)
         rows[episode_id] = {
             "episode_id": episode_id,
             "status": "rejected",
             "reason": record["reason"],
             "frames": None,
+            "scenario": scenario.name if scenario else None,
+            "side": scenario.side if scenario else None,
             "source_file": record["source_file"],
         }
     if folder is not None and folder.is_dir():
