@@ -1,0 +1,218 @@
+"""Training windows from the Zarr window store, as a torch Dataset, and the loader around it.
+
+A window starting at frame s covers frames s … s+W-1; at every window frame t the policy
+predicts the action chunk actions[t … t+C-1]. An item is a dict:
+
+    images       uint8 (W, 224, 224, 3) RGB, not normalised (the model's preprocessing does that)
+    actions      float32 (W, C, 2) (linear_x, linear_y) / action_scale, clipped to [-1, 1]
+    action_mask  bool (W, C), True where the step exists (always, for the store's window starts)
+    instruction  str;  episode_id  str;  start  int;  side  'left' | 'right' | None
+
+`HDF5WindowDataset` is the users' old way (open the HDF5 file and resize every time), kept as
+the reference for benchmarks/ and the equality tests.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .episodes import ValidationRules, inspect_episode
+from .schema import ACTION_SCALE, IMAGE_SIZE, window_starts
+from .store import WindowStore
+
+_SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+_OTHER_SIDE = {"left": "right", "right": "left"}
+_GREY = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def mirror_instruction(text: str) -> str:
+    """Swap the whole words 'left' and 'right', keeping their case ('Left' → 'Right')."""
+
+    def swap(match: re.Match) -> str:
+        word = match.group(0)
+        other = _OTHER_SIDE[word.lower()]
+        if word.isupper():
+            return other.upper()
+        return other.capitalize() if word[0].isupper() else other
+
+    return _SIDE_WORD.sub(swap, text)
+
+
+def action_chunks(raw: np.ndarray, window: int, chunk: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(W, C, 2) normalised chunks and their (W, C) mask from raw actions[start : start+W+C-1].
+
+    `raw` may be shorter at an episode's end: missing steps are zero and masked out.
+    """
+    steps = np.arange(window)[:, None] + np.arange(chunk)[None, :]
+    mask = steps < len(raw)
+    padded = np.zeros((window + chunk - 1, 2), np.float32)
+    padded[: len(raw)] = np.clip(np.asarray(raw, np.float32)[:, :2] / np.float32(scale), -1.0, 1.0)
+    return padded[steps], mask
+
+
+def colour_jitter(images: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
+    """One brightness/contrast/saturation change (factors near 1) for all frames of a window.
+
+    Brightness scales, contrast blends with the window's mean grey level and saturation blends
+    each pixel with its grey value, as torchvision's ColorJitter does; composed, the three are
+    one affine colour map, applied in a single cv2.transform pass (rounded, saturated uint8).
+    """
+    flat = np.ascontiguousarray(images).reshape(-1, images.shape[-2], 3)
+    mean_grey = float(_GREY @ np.array(cv2.mean(flat)[:3], np.float32))
+    matrix = contrast * brightness * (saturation * np.eye(3) + (1.0 - saturation) * _GREY[None, :])
+    offset = np.full((3, 1), (1.0 - contrast) * brightness * mean_grey)
+    return cv2.transform(flat, np.hstack([matrix, offset])).reshape(images.shape)
+
+
+def _item(images, raw_actions, window, chunk, scale, instruction, episode_id, start, side) -> dict:
+    actions, mask = action_chunks(raw_actions, window, chunk, scale)
+    return {
+        "images": torch.from_numpy(np.ascontiguousarray(images)),
+        "actions": torch.from_numpy(actions),
+        "action_mask": torch.from_numpy(mask),
+        "instruction": instruction,
+        "episode_id": episode_id,
+        "start": int(start),
+        "side": side,
+    }
+
+
+class WindowDataset(Dataset):
+    """Every complete (episode, start) window of the given stored episodes.
+
+    Zarr arrays are opened lazily, once per process, and never pickled, so the dataset can
+    be sent to DataLoader workers. Augmentation (train=True only) depends on seed, index
+    and the epoch set with `set_epoch`, not on which worker reads the item; the epoch lives
+    in shared memory, so persistent workers see `set_epoch` calls made before each epoch.
+    """
+
+    def __init__(self, store_path, episode_ids, window: int, chunk: int, action_scale: float = ACTION_SCALE,
+                 train: bool = False, mirror_prob: float = 0.5, colour_jitter: float = 0.1, seed: int = 0):
+        self.store_path = Path(store_path)
+        self.window, self.chunk, self.action_scale = window, chunk, action_scale
+        self.train, self.mirror_prob, self.colour_jitter, self.seed = train, mirror_prob, colour_jitter, seed
+        store = WindowStore(self.store_path)
+        self.meta: dict[str, tuple[str, str | None, int]] = {}
+        self.index: list[tuple[str, int]] = []
+        for episode_id in episode_ids:
+            attrs = store.open_episode(episode_id).attrs
+            self.meta[episode_id] = (attrs["instruction"], attrs.get("side"), int(attrs["num_frames"]))
+            self.index += [(episode_id, s) for s in window_starts(int(attrs["num_frames"]), window, chunk)]
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._arrays: dict = {}
+        self._pid = os.getpid()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": {}, "_pid": None}
+
+    def _episode_arrays(self, episode_id: str):
+        if self._pid != os.getpid():  # a forked worker: don't reuse the parent's handles
+            self._arrays, self._pid = {}, os.getpid()
+        if episode_id not in self._arrays:
+            group = WindowStore(self.store_path).open_episode(episode_id)
+            self._arrays[episode_id] = (group["images"], group["actions"])
+        return self._arrays[episode_id]
+
+    def __getitem__(self, index: int) -> dict:
+        episode_id, start = self.index[index]
+        instruction, side, _ = self.meta[episode_id]
+        images, actions = self._episode_arrays(episode_id)
+        W, C = self.window, self.chunk
+        frames = images[start : start + W]
+        raw = actions[start : start + W + C - 1]
+        if self.train:
+            rng = np.random.default_rng((self.seed, int(self._epoch), index))
+            mirror = rng.random() < self.mirror_prob
+            factors = rng.uniform(1.0 - self.colour_jitter, 1.0 + self.colour_jitter, size=3)
+            if self.colour_jitter > 0:
+                frames = colour_jitter(frames, *factors)
+            if mirror:
+                frames = frames[:, :, ::-1]
+                raw = np.array(raw, np.float32)
+                raw[:, 1] = 0.0 - raw[:, 1]  # 0.0 - x: no -0.0 for a zero linear_y
+                instruction = mirror_instruction(instruction)
+                side = _OTHER_SIDE.get(side, side)
+        return _item(frames, raw, W, C, self.action_scale, instruction, episode_id, start, side)
+
+
+def collate_windows(items: list[dict]) -> dict:
+    """Tensors stacked on a new batch dimension; everything else (str, int, None) as lists.
+
+    (torch's default collate would fail on `side=None` and turn `start` into a tensor.)
+    """
+    return {key: torch.stack([item[key] for item in items]) if isinstance(items[0][key], torch.Tensor)
+            else [item[key] for item in items] for key in items[0]}
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32  # the loader's base seed + worker_id
+    np.random.seed(seed)
+    random.seed(seed)
+    cv2.setNumThreads(1)  # one core per worker
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0, seed: int = 0
+) -> DataLoader:
+    """Batches of `collate_windows`; the shuffle order depends only on `seed` (and the epoch count)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        collate_fn=collate_windows,
+        persistent_workers=workers > 0,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+class HDF5WindowDataset(Dataset):
+    """Reference loader in the style of the old scripts: opens the HDF5 file and decodes and
+    resizes the window's frames (cv2 INTER_AREA, BGR → RGB for the legacy layout) on every
+    item. Same items as WindowDataset(train=False); for benchmarks and tests only.
+    """
+
+    def __init__(self, paths, window: int, chunk: int, action_scale: float = ACTION_SCALE,
+                 image_size: int = IMAGE_SIZE):
+        self.window, self.chunk, self.action_scale, self.image_size = window, chunk, action_scale, image_size
+        self.episodes, self.index = {}, []
+        for path in map(Path, paths):
+            # digest given: the reference loader never hashes files.
+            header = inspect_episode(path, ValidationRules(window, chunk), digest="-")
+            self.episodes[header.episode_id] = (path, header.image_dataset, header.colour_order,
+                                                header.instruction, header.side)
+            self.index += [(header.episode_id, s) for s in window_starts(header.num_frames, window, chunk)]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int) -> dict:
+        episode_id, start = self.index[index]
+        path, dataset, order, instruction, side = self.episodes[episode_id]
+        W, C, size = self.window, self.chunk, self.image_size
+        with h5py.File(path, "r") as h5:
+            source = h5[dataset][start : start + W]
+            raw = h5["actions"][start : start + W + C - 1, :2].astype(np.float32)
+        frames = np.empty((len(source), size, size, 3), np.uint8)
+        for i, frame in enumerate(source):
+            frames[i] = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
+            if order == "BGR":
+                frames[i] = cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB)
+        return _item(frames, raw, W, C, self.action_scale, instruction, episode_id, start, side)
