@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import dagster as dg
 
 from assets.episodes import episode_partitions, episode_windows, raw_episode
+from assets.training import train_val_split
 from resources import EpisodeFolder, WindowStoreResource
 from resources.storage import env_or
 
@@ -21,7 +22,7 @@ ingest_job = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=[raw_episode, episode_windows],
+    assets=[raw_episode, episode_windows, train_val_split],
     jobs=[ingest_job],
     resources={
         "episode_folder": EpisodeFolder(path=env_or("VLA_EPISODES_DIR", "data/episodes")),

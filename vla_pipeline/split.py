@@ -9,10 +9,13 @@ down, or their side is below its rounded val share and the group below its share
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import xxhash
 
@@ -22,6 +25,7 @@ from .store import WindowStore
 
 TRAIN, VAL = "train", "val"
 UNKNOWN = "unknown"
+SPLIT_FILE = "split.json"  # beside the episodes in the store; zarr ignores it
 OTHER_SCENARIOS = ""  # the group of a side's episodes whose scenario group is too small
 
 
@@ -194,3 +198,19 @@ def split_from_store(
 def train_action_stats(store: WindowStore, split: Split) -> ActionStats:
     """Action statistics of the training episodes only, so val never leaks into normalisation."""
     return store.action_stats(split.train)
+
+
+def split_path(store: WindowStore) -> Path:
+    return store.path / SPLIT_FILE
+
+
+def load_split(store: WindowStore) -> Split | None:
+    """The split last saved in the store, the `previous` of the next one."""
+    path = split_path(store)
+    return Split.from_dict(json.loads(path.read_text())) if path.is_file() else None
+
+
+def save_split(store: WindowStore, split: Split) -> None:
+    temporary = split_path(store).with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(split.to_dict(), indent=1))
+    os.replace(temporary, split_path(store))

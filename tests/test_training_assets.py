@@ -1,0 +1,53 @@
+"""The training assets as Dagster runs them."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+from conftest import write_episode_file
+
+from assets.training import train_val_split
+from resources import WindowStoreResource
+from vla_pipeline.ingest import ingest_episodes
+from vla_pipeline.split import load_split
+from vla_pipeline.store import WindowStore
+
+
+def _ingest(folder, store_path, count, offset=0):
+    paths = [
+        write_episode_file(folder / f"episode_2025061{i % 10}_10{i:04d}_1box_hori_{('left', 'right')[i % 2]}_core_far.h5",
+                           seed=i)
+        for i in range(offset, offset + count)
+    ]
+    ingest_episodes(paths, store_path)
+
+
+def _materialize(store_path, val_fraction=0.2):
+    result = dg.materialize(
+        [train_val_split],
+        resources={"window_store": WindowStoreResource(path=str(store_path))},
+        run_config={"ops": {"train_val_split": {"config": {"val_fraction": val_fraction}}}},
+    )
+    assert result.success
+    materialization = result.asset_materializations_for_node("train_val_split")[0]
+    return result.output_for_node("train_val_split"), materialization.metadata
+
+
+def test_split_asset_is_stable_and_reports_counts(episode_dir, tmp_path):
+    store_path = tmp_path / "store.zarr"
+    _ingest(episode_dir, store_path, 10)
+    first, metadata = _materialize(store_path)
+    assert metadata["train_episodes"].value + metadata["val_episodes"].value == 10
+    assert metadata["train_windows"].value == 8  # one window per 18-frame episode
+    assert "| left |" in metadata["by_side"].value and "| right |" in metadata["by_side"].value
+    assert load_split(WindowStore(store_path)).to_dict() == first
+
+    _ingest(episode_dir, store_path, 10, offset=10)
+    second, _ = _materialize(store_path)
+    assert set(first["train"]) <= set(second["train"]) and set(first["val"]) <= set(second["val"])
+    assert len(second["train"]) + len(second["val"]) == 20
+
+
+def test_split_asset_fails_clearly_on_an_empty_store(tmp_path):
+    with pytest.raises(dg.Failure, match="ingest episodes before splitting"):
+        dg.materialize([train_val_split], resources={"window_store": WindowStoreResource(path=str(tmp_path / "s.zarr"))})
