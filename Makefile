@@ -1,5 +1,6 @@
 # Two entry points: `make demo` (sample episodes end to end) and `make test`.
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
@@ -27,6 +28,7 @@ demo: install
 	$(BIN)/vla-pipeline sample-episodes $(VLA_EPISODES_DIR) -n 12 --seed 0
 	$(BIN)/vla-pipeline ingest $(VLA_EPISODES_DIR)
 	$(BIN)/vla-pipeline episodes
+	$(BIN)/dagster asset materialize --select train_val_split 2>&1 | grep -E "train /|RUN_SUCCESS|RUN_FAILURE|Error"
 
 test: install
 	$(BIN)/pytest -q
