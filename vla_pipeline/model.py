@@ -1,0 +1,407 @@
+"""Kosmos-2 policy with a learnable action token and an LSTM policy head over the window.
+
+Every frame of a window is encoded on its own with the instruction prompt
+(`vla_pipeline.preprocess` defines the layout); the last hidden state at the action-token
+slot is the frame's feature. The head runs an LSTM over the window's features and emits,
+at every frame, a chunk of `chunk` actions (linear_x, linear_y) in normalised units
+[-1, 1] (tanh); robot units are normalised units × `config.action_scale`.
+
+Batch for `MobileVLAPolicy.forward` (B windows of W frames):
+    images        uint8 (B, W, 224, 224, 3) RGB, or float (B, W, 3, 224, 224) already
+                  normalised with `normalise_images`
+    instructions  list[str] of length B
+    actions       float (B, W, chunk, 2): normalised targets, the chunk starting at each frame
+    action_mask   bool (B, W, chunk), optional: False for steps beyond the episode end
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .policy_config import PolicyConfig
+from .preprocess import CLIP_MEAN, CLIP_STD, INSTRUCTION_WORDS, PROMPT_TEMPLATE
+from .preprocess import encode_prompts, normalise_actions, normalise_images
+from .schema import IMAGE_SIZE
+
+CONFIG_FILE = "policy_config.json"
+WEIGHTS_FILE = "policy.safetensors"
+ADAPTER_DIR = "adapter"
+TINY_SEED = 0
+TINY_VERSION = 1
+
+
+# ---------------------------------------------------------------- backbone loading
+
+
+def _tiny_tokenizer():
+    """A word-level tokenizer over the prompt vocabulary, with Kosmos-2's special ids."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3 as in Kosmos-2 (XLM-R order)
+    words = sorted(set(INSTRUCTION_WORDS))
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_tiny_backbone():
+    """(Kosmos2Model, Kosmos2Processor): a small Kosmos-2 with a deterministic init.
+
+    The processor's tokenizer gets Kosmos-2's tag tokens (`<image>`, `</image>`, ...) added
+    by `Kosmos2Processor` itself, exactly as for the hub checkpoint.
+    """
+    from transformers import CLIPImageProcessorPil, Kosmos2Config, Kosmos2Model, Kosmos2Processor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    )
+    processor = Kosmos2Processor(image_processor, _tiny_tokenizer())
+    config = Kosmos2Config(
+        text_config=dict(vocab_size=len(processor.tokenizer), max_position_embeddings=256, embed_dim=64,
+                         layers=2, ffn_dim=128, attention_heads=4, init_std=0.1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=IMAGE_SIZE, patch_size=16),
+        latent_query_num=8,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = Kosmos2Model(config)
+    return model, processor
+
+
+def save_tiny_backbone(directory) -> Path:
+    """Write the tiny backbone (model + processor) with `save_pretrained`; load it back
+    through the same `from_pretrained` path as the hub checkpoint."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model, processor = build_tiny_backbone()
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def tiny_backbone_dir() -> Path:
+    """The cached tiny backbone ($VLA_TINY_BACKBONE or a folder under the temp dir), built once."""
+    default = Path(tempfile.gettempdir()) / f"vla_pipeline-kosmos2-tiny-v{TINY_VERSION}"
+    target = Path(os.environ.get("VLA_TINY_BACKBONE", default))
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        save_tiny_backbone(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process got there first
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_backbone(config: PolicyConfig, dtype: torch.dtype | None = None):
+    """(Kosmos2Model, tokenizer) through `from_pretrained`, for the hub id and local dirs alike.
+
+    The tokenizer comes from the Kosmos-2 processor, which adds the `<image>` tag tokens.
+    """
+    from transformers import AutoProcessor, Kosmos2Model
+
+    source = config.backbone
+    if config.preset == "tiny" and not Path(source).is_dir():
+        source = str(tiny_backbone_dir())
+    model = Kosmos2Model.from_pretrained(source, dtype=dtype or torch.float32)
+    tokenizer = AutoProcessor.from_pretrained(source).tokenizer
+    return model, tokenizer
+
+
+def lora_target_modules(kosmos: nn.Module, targets: str) -> list[str]:
+    """Names of the Linear layers LoRA wraps for a `lora_targets` value (also on a model
+    that already has LoRA injected: a wrapped layer is reported by its own name)."""
+    prefixes = {"text": ("text_model.",), "text+vision": ("text_model.", "vision_model."), "all-linear": ("",)}
+    if targets not in prefixes:
+        raise ValueError(f"unknown lora_targets {targets!r}")
+    names = []
+    for name, module in kosmos.named_modules():
+        if not isinstance(module, nn.Linear) or ".lora_" in name or name.endswith("lm_head"):
+            continue
+        name = name.removesuffix(".base_layer")
+        if name.startswith(prefixes[targets]):
+            names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------- the policy
+
+
+class PolicyHead(nn.Module):
+    """LSTM over per-frame features -> MLP -> tanh -> (B, W, chunk, action_dim)."""
+
+    def __init__(self, in_dim: int, hidden: int, layers: int, chunk: int, action_dim: int):
+        super().__init__()
+        self.chunk, self.action_dim = chunk, action_dim
+        self.lstm = nn.LSTM(in_dim, hidden, num_layers=layers, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, chunk * action_dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        batch, window = features.shape[:2]
+        out, _ = self.lstm(features.float())
+        return torch.tanh(self.mlp(out)).view(batch, window, self.chunk, self.action_dim)
+
+
+def _param_group(name: str) -> str:
+    if "lora_" in name:
+        return "lora"
+    if name.startswith("vision_model."):
+        return "vision"
+    if name.startswith("text_model.model.embed_tokens."):
+        return "text_embedding"
+    if name.startswith("text_model.model.layers."):
+        return "decoder_layers"
+    return "other"
+
+
+class MobileVLAPolicy(nn.Module):
+    """Kosmos-2 backbone (optionally LoRA-wrapped) + action token + LSTM head.
+
+    Build with `build_policy(config)`; `adapter_dir` loads a saved LoRA adapter instead of
+    initialising a fresh one. Parameter initialisation is seeded by `config.seed` without
+    touching the global RNG.
+    """
+
+    def __init__(self, config: PolicyConfig, backbone: nn.Module, tokenizer, adapter_dir=None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.num_image_tokens = int(backbone.config.latent_query_num)
+        hidden = int(backbone.config.text_config.embed_dim)
+        device = next(backbone.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
+            # peft 0.21 reads the `is_gradient_checkpointing` alias that transformers 5.23 deprecates
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            torch.manual_seed(config.seed)
+            self.action_token = nn.Parameter(torch.randn(hidden) * 0.02)
+            self.head = PolicyHead(hidden, config.lstm_hidden, config.lstm_layers, config.chunk, config.action_dim)
+            if config.lora_enable:
+                from peft import LoraConfig, PeftModel, get_peft_model
+
+                if adapter_dir is not None:
+                    backbone = PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=True)
+                else:
+                    lora = LoraConfig(
+                        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                        target_modules=lora_target_modules(backbone, config.lora_targets), bias="none",
+                    )
+                    backbone = get_peft_model(backbone, lora)
+        self.backbone = backbone
+        if config.gradient_checkpointing:
+            self.kosmos.activation_checkpointing_enable()
+        apply_trainability(self)
+
+    @property
+    def kosmos(self) -> nn.Module:
+        """The Kosmos2Model itself (LoRA layers injected in place when enabled)."""
+        return self.backbone.get_base_model() if self.config.lora_enable else self.backbone
+
+    # -- encoding ------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        """Normalised frames (N, 3, 224, 224) + one instruction each -> features (N, hidden)."""
+        if len(instructions) != len(pixel_values):
+            raise ValueError(f"{len(pixel_values)} frames but {len(instructions)} instructions")
+        device = self.action_token.device
+        prompts = encode_prompts(self.tokenizer, list(instructions), self.num_image_tokens).to(device)
+        kosmos = self.kosmos
+        tokens = kosmos.get_input_embeddings()(prompts.input_ids)
+        slot = F.one_hot(prompts.action_index, tokens.shape[1]).bool().unsqueeze(-1)
+        # torch.where builds a new (non-leaf) tensor: Kosmos-2 writes the image embeddings into
+        # inputs_embeds in place, which must never happen on a leaf that requires grad.
+        inputs_embeds = torch.where(slot, self.action_token.to(tokens.dtype), tokens)
+        vision_dtype = kosmos.vision_model.model.embeddings.patch_embedding.weight.dtype
+        out = kosmos(
+            pixel_values=pixel_values.to(device=device, dtype=vision_dtype),
+            inputs_embeds=inputs_embeds,
+            attention_mask=prompts.attention_mask,
+            image_embeds_position_mask=prompts.image_embeds_position_mask,
+            position_ids=prompts.position_ids,
+            use_cache=False,
+        )
+        rows = torch.arange(len(pixel_values), device=device)
+        return out.last_hidden_state[rows, prompts.action_index].float()
+
+    def encode_frames(self, images: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        """Images (B, W, ...) (see module docstring) + B instructions -> features (B, W, hidden)."""
+        images = torch.as_tensor(images)
+        batch, window = images.shape[:2]
+        if len(instructions) != batch:
+            raise ValueError(f"{batch} windows but {len(instructions)} instructions")
+        pixels = normalise_images(images) if images.dtype == torch.uint8 else images
+        if tuple(pixels.shape[2:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"float images must be (B, W, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(images.shape)}")
+        per_frame = [text for text in instructions for _ in range(window)]
+        features = self.encode_images(pixels.flatten(0, 1), per_frame)
+        return features.view(batch, window, -1)
+
+    # -- training and inference ----------------------------------------------------
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(loss, info): Huber loss over every frame × valid chunk step (shapes: module docstring)."""
+        pred = self.head(self.encode_frames(batch["images"], batch["instructions"]))
+        target = torch.as_tensor(batch["actions"], device=pred.device, dtype=pred.dtype)
+        if target.shape != pred.shape:
+            raise ValueError(f"actions must be {tuple(pred.shape)} (B, W, chunk, dims), got {tuple(target.shape)}")
+        mask = batch.get("action_mask")
+        mask = torch.ones(pred.shape[:-1], dtype=torch.bool, device=pred.device) if mask is None else mask
+        weight = torch.as_tensor(mask, device=pred.device).to(pred.dtype).unsqueeze(-1).expand_as(pred)
+        denom = weight.sum().clamp_min(1.0)
+        huber = F.smooth_l1_loss(pred, target, reduction="none", beta=self.config.huber_delta)
+        loss = (huber * weight).sum() / denom
+        with torch.no_grad():
+            mae = ((pred - target).abs() * weight).sum() / denom * self.config.action_scale
+        info = {"loss": float(loss.detach()), "mae_robot_units": float(mae), "valid_steps": int(weight[..., 0].sum())}
+        return loss, info
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        """(B, chunk, action_dim) actions in robot units for the last frame of each window (eval mode)."""
+        was_training = self.training
+        self.eval()
+        try:
+            actions = self.head(self.encode_frames(images, instructions))[:, -1]
+        finally:
+            self.train(was_training)
+        return actions * self.config.action_scale
+
+    def normalise_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        """Robot units -> normalised [-1, 1] targets."""
+        return normalise_actions(actions, self.config.action_scale)
+
+    # -- what trains and what is saved ---------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything that trains except LoRA matrices (peft saves those): token, head, backbone parts."""
+        state = {"action_token": self.action_token}
+        state.update({f"head.{name}": p for name, p in self.head.named_parameters()})
+        state.update(
+            {f"backbone.{name}": p for name, p in self.kosmos.named_parameters() if p.requires_grad and "lora_" not in name}
+        )
+        return state
+
+
+def apply_trainability(policy: MobileVLAPolicy) -> None:
+    """Set requires_grad on every parameter by the rules in `vla_pipeline.policy_config`."""
+    config = policy.config
+    kosmos = policy.kosmos
+    layers = int(kosmos.config.text_config.layers)
+    first_trained_layer = layers - config.train_decoder_layers if config.train_decoder_layers > 0 else layers
+    for name, param in kosmos.named_parameters():
+        group = _param_group(name)
+        if group == "lora":
+            param.requires_grad_(True)
+            continue
+        trainable = not (config.freeze_backbone or config.lora_enable)
+        if group == "vision":
+            trainable = config.train_vision
+        elif group == "text_embedding":
+            trainable = config.train_text_embedding
+        elif group == "decoder_layers" and int(name.split(".")[3]) >= first_trained_layer:
+            trainable = True
+        param.requires_grad_(trainable)
+    policy.action_token.requires_grad_(True)
+    policy.head.requires_grad_(True)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """{"trainable": int, "total": int} over the model's (deduplicated) parameters."""
+    params = list(model.parameters())
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
+
+
+def trainable_breakdown(policy: MobileVLAPolicy) -> dict[str, int]:
+    """Trainable parameter counts by group: action_token, head, lora, vision, text_embedding,
+    decoder_layers, other (LoRA matrices count as "lora" wherever they sit)."""
+    counts = dict.fromkeys(["action_token", "head", "lora", "vision", "text_embedding", "decoder_layers", "other"], 0)
+    counts["action_token"] = policy.action_token.numel()
+    counts["head"] = sum(p.numel() for p in policy.head.parameters() if p.requires_grad)
+    for name, param in policy.kosmos.named_parameters():
+        if param.requires_grad:
+            counts[_param_group(name)] += param.numel()
+    return counts
+
+
+# ---------------------------------------------------------------- build, save, load
+
+
+def build_policy(config: PolicyConfig, dtype: torch.dtype | None = None, adapter_dir=None) -> MobileVLAPolicy:
+    """Load the backbone through `from_pretrained` and wrap it (fresh head, fresh LoRA)."""
+    backbone, tokenizer = load_backbone(config, dtype=dtype)
+    return MobileVLAPolicy(config, backbone, tokenizer, adapter_dir=adapter_dir)
+
+
+def save_policy(policy: MobileVLAPolicy, directory) -> Path:
+    """Write only what trains: policy_config.json, policy.safetensors, adapter/ (LoRA)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if policy.config.lora_enable:
+        policy.backbone.save_pretrained(str(directory / ADAPTER_DIR), save_embedding_layers=False)
+    state = {name: t.detach().to("cpu").contiguous().clone() for name, t in policy.trainable_state().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "prompt_template": PROMPT_TEMPLATE})
+    (directory / CONFIG_FILE).write_text(policy.config.to_json() + "\n")
+    return directory
+
+
+def read_policy_config(directory) -> PolicyConfig:
+    return PolicyConfig.from_dict(json.loads((Path(directory) / CONFIG_FILE).read_text()))
+
+
+def load_policy_dir(
+    directory, backbone_override=None, dtype: torch.dtype | None = None, into: MobileVLAPolicy | None = None
+) -> MobileVLAPolicy:
+    """Rebuild a saved policy: config -> backbone (from_pretrained) -> LoRA adapter -> the rest.
+
+    `backbone_override` replaces the saved backbone id/dir (e.g. a local mirror). Returns
+    the policy in eval mode. With `into`, the saved weights are loaded in place into that
+    policy instead (same config required; its mode and parameter objects are kept, e.g. to
+    resume training with an existing optimizer).
+    """
+    directory = Path(directory)
+    config = read_policy_config(directory)
+    if backbone_override is not None:
+        config = config.replace(backbone=str(backbone_override))
+    adapter = directory / ADAPTER_DIR if config.lora_enable else None
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: LoRA adapter missing (config has lora_enable)")
+    if into is None:
+        policy = build_policy(config, dtype=dtype, adapter_dir=adapter)
+    else:
+        policy = into
+        if policy.config.replace(backbone=config.backbone) != config:
+            raise ValueError(f"{directory}: saved config differs from the policy's: {config} vs {policy.config}")
+        if adapter is not None:
+            from peft import load_peft_weights, set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(policy.backbone, load_peft_weights(str(adapter)))
+            missing = [key for key in result.missing_keys if "lora_" in key]
+            if missing or result.unexpected_keys:
+                raise ValueError(f"{adapter}: adapter does not match: missing {missing[:5]}, "
+                                 f"unexpected {list(result.unexpected_keys)[:5]}")
+    saved = load_file(str(directory / WEIGHTS_FILE))
+    expected = policy.trainable_state()
+    if set(saved) != set(expected):
+        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        raise ValueError(f"{directory / WEIGHTS_FILE} does not match the config: missing {missing[:5]}, extra {extra[:5]}")
+    with torch.no_grad():
+        for name, param in expected.items():
+            param.copy_(saved[name].to(param.dtype))
+    return policy if into is not None else policy.eval()
