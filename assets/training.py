@@ -1,11 +1,23 @@
-"""Training assets: the train/val split of the stored episodes (the LoRA adapter follows)."""
+"""Training assets: the train/val split of the stored episodes, and the LoRA adapter."""
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
+import mlflow
+from pydantic import Field
 
 from assets.episodes import episode_windows
-from resources import WindowStoreResource
-from vla_pipeline.split import load_split, save_split, split_from_store, train_action_stats
+from resources import ComputeResource, WindowStoreResource
+from vla_pipeline.policy_config import DEFAULT_BACKBONE, PolicyConfig
 from vla_pipeline.schema import ACTION_DIMS
+from vla_pipeline.split import Split, load_split, save_split, split_from_store, train_action_stats
+from vla_pipeline.tracking import data_snapshot, experiment_id, flat_params, run_link
+from vla_pipeline.train import TrainConfig, train
 
 
 class SplitConfig(dg.Config):
@@ -50,5 +62,99 @@ def train_val_split(context: dg.AssetExecutionContext, config: SplitConfig, wind
             "train_action_std": dict(zip(ACTION_DIMS, (stats.var**0.5).round(4).tolist())),
             "excluded": dg.MetadataValue.json(split.excluded),
             "split_file": dg.MetadataValue.path(str(store.path / "split.json")),
+        },
+    )
+
+
+class TrainingConfig(dg.Config):
+    """`model`: "tiny" (built in-process, no download), a hub id or a local directory.
+    `policy` and `train` override fields of PolicyConfig and TrainConfig by name, e.g.
+    policy: {"lora_r": 64, "train_vision": false}, train: {"epochs": 5, "lr": 5e-5}."""
+
+    model: str = Field(default_factory=lambda: os.environ.get("VLA_MODEL") or DEFAULT_BACKBONE)
+    policy: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+
+    def configs(self) -> tuple[PolicyConfig, TrainConfig]:
+        try:
+            if self.model == "tiny":
+                policy = PolicyConfig.tiny(**self.policy)
+            else:
+                policy = PolicyConfig(backbone=self.model, **self.policy)
+            return policy, TrainConfig(**self.train)
+        except (TypeError, ValueError) as error:
+            raise dg.Failure(f"training config: {error}") from error
+
+
+def _models_dir() -> Path:
+    return Path(os.environ.get("VLA_MODELS") or "data/models")
+
+
+@dg.asset(group_name="training", kinds={"pytorch", "mlflow"})
+def lora_adapter(
+    context: dg.AssetExecutionContext,
+    config: TrainingConfig,
+    train_val_split: dict,
+    window_store: WindowStoreResource,
+    compute: ComputeResource,
+) -> dg.Output:
+    """The trained policy: LoRA adapter on Kosmos-2, action token and LSTM head, with its
+    config and action scale — everything serving needs besides the backbone weights.
+
+    Trains on the split's training windows on the compute resource, records the run in
+    MLflow, and resumes from the last checkpoint when the same training was interrupted.
+    """
+    policy_config, train_config = config.configs()
+    store = window_store.open()
+    split = Split.from_dict(train_val_split)
+    hashes = {i: store.episode_attrs(i)["content_hash"] for i in split.train + split.val}
+    snapshot = data_snapshot(split.train, split.val, hashes)
+    fingerprint = hashlib.sha256(
+        json.dumps([policy_config.to_dict(), asdict(train_config), snapshot], sort_keys=True).encode()
+    ).hexdigest()[:12]
+    output_dir = _models_dir() / f"lora-{fingerprint}"
+    context.log.info(f"training {policy_config.backbone} ({policy_config.preset}) into {output_dir}")
+
+    experiment = experiment_id()
+    run_file = output_dir / "mlflow_run_id"
+    run_id = run_file.read_text().strip() if run_file.is_file() else None
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=f"lora-{fingerprint}") as run:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(run.info.run_id)
+        if run_id is None:
+            mlflow.log_params({**flat_params("policy", policy_config.to_dict()),
+                               **flat_params("train", asdict(train_config)), **snapshot})
+            mlflow.log_dict(split.to_dict(), "split.json")
+        try:
+            result = train(
+                policy_config, train_config, store.path, split.train, split.val, output_dir,
+                compute=compute.plan(), log=context.log.info,
+                on_epoch=lambda record: mlflow.log_metrics(
+                    {"train_loss": record["train_loss"], "val_loss": record["val_loss"]}, step=record["epoch"]),
+            )
+        except OSError as error:
+            raise dg.Failure(
+                f"could not load the backbone {policy_config.backbone!r} ({error}). Without a model hub, "
+                "set VLA_MODEL=tiny or point it at a local directory written by save_pretrained."
+            ) from error
+        mlflow.log_metrics({"best_val_loss": result.best_val_loss, "trainable_parameters": result.parameters["trainable"]})
+        mlflow.log_artifacts(str(output_dir / "policy"), "policy")
+        mlflow.log_artifact(str(output_dir / "training.json"))
+        mlflow.set_tags({"device": result.device, "precision": result.precision, **snapshot})
+    return dg.Output(
+        str((output_dir / "policy").resolve()),
+        metadata={
+            "trainable_parameters": result.parameters["trainable"],
+            "total_parameters": result.parameters["total"],
+            "best_val_loss": result.best_val_loss,
+            "epochs": result.epochs,
+            "steps": result.steps,
+            "resumed_from_step": result.resumed_from_step,
+            "device": f"{result.device} ({result.precision})",
+            "wall_time_s": round(result.seconds, 1),
+            "policy_dir": dg.MetadataValue.path(str((output_dir / "policy").resolve())),
+            "mlflow_run": dg.MetadataValue.url(run_link(run.info.run_id, experiment)),
+            "mlflow_run_id": run.info.run_id,
+            **snapshot,
         },
     )

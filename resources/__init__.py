@@ -1,3 +1,4 @@
+from .compute import ComputeResource
 from .storage import EpisodeFolder, WindowStoreResource
 
-__all__ = ["EpisodeFolder", "WindowStoreResource"]
+__all__ = ["ComputeResource", "EpisodeFolder", "WindowStoreResource"]

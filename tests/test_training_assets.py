@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import pytest
 from conftest import write_episode_file
@@ -51,3 +53,34 @@ def test_split_asset_is_stable_and_reports_counts(episode_dir, tmp_path):
 def test_split_asset_fails_clearly_on_an_empty_store(tmp_path):
     with pytest.raises(dg.Failure, match="ingest episodes before splitting"):
         dg.materialize([train_val_split], resources={"window_store": WindowStoreResource(path=str(tmp_path / "s.zarr"))})
+
+
+def test_lora_adapter_trains_tiny_and_records_mlflow(episode_dir, tmp_path, monkeypatch):
+    import mlflow
+
+    from assets.training import lora_adapter
+    from resources import ComputeResource
+
+    store_path = tmp_path / "store.zarr"
+    _ingest(episode_dir, store_path, 4)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("VLA_MODELS", str(tmp_path / "models"))
+    config = {"model": "tiny", "train": {"epochs": 1, "batch_size": 2, "grad_accum": 1, "log_every": 5}}
+    result = dg.materialize(
+        [train_val_split, lora_adapter],
+        resources={"window_store": WindowStoreResource(path=str(store_path)), "compute": ComputeResource()},
+        run_config={"ops": {"lora_adapter": {"config": config}}},
+    )
+    assert result.success
+    policy_dir = result.output_for_node("lora_adapter")
+    assert (tmp_path / "models") in Path(policy_dir).parents
+    metadata = result.asset_materializations_for_node("lora_adapter")[0].metadata
+    assert metadata["trainable_parameters"].value < metadata["total_parameters"].value
+    assert metadata["device"].value == "cpu (fp32)"
+    run = mlflow.get_run(metadata["mlflow_run_id"].value)
+    split = result.output_for_node("train_val_split")
+    assert run.data.params["policy.preset"] == "tiny"
+    assert run.data.params["train_episodes"] == str(len(split["train"])) != "0"
+    assert "val_loss" in run.data.metrics and "best_val_loss" in run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "policy")}
+    assert "policy/policy_config.json" in artifacts

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 import dagster as dg
 
 from assets.episodes import episode_partitions, episode_windows, raw_episode
-from assets.training import train_val_split
-from resources import EpisodeFolder, WindowStoreResource
+from assets.training import lora_adapter, train_val_split
+from resources import ComputeResource, EpisodeFolder, WindowStoreResource
 from resources.storage import env_or
 
 ingest_job = dg.define_asset_job(
@@ -22,11 +22,12 @@ ingest_job = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=[raw_episode, episode_windows, train_val_split],
+    assets=[raw_episode, episode_windows, train_val_split, lora_adapter],
     jobs=[ingest_job],
     resources={
         "episode_folder": EpisodeFolder(path=env_or("VLA_EPISODES_DIR", "data/episodes")),
         "window_store": WindowStoreResource(path=env_or("VLA_STORE", "data/store.zarr")),
+        "compute": ComputeResource(),
     },
 )
 

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .episodes import ValidationRules, inspect_episode
+from .preprocess import normalise_actions
 from .schema import ACTION_SCALE, IMAGE_SIZE, window_starts
 from .store import WindowStore
 
@@ -55,7 +56,7 @@ def action_chunks(raw: np.ndarray, window: int, chunk: int, scale: float) -> tup
     steps = np.arange(window)[:, None] + np.arange(chunk)[None, :]
     mask = steps < len(raw)
     padded = np.zeros((window + chunk - 1, 2), np.float32)
-    padded[: len(raw)] = np.clip(np.asarray(raw, np.float32)[:, :2] / np.float32(scale), -1.0, 1.0)
+    padded[: len(raw)] = normalise_actions(np.asarray(raw, np.float32)[:, :2], scale).numpy()
     return padded[steps], mask
 
 

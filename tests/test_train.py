@@ -1,0 +1,98 @@
+"""The training loop: it learns, it checkpoints only what trains, and it resumes after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_episode_file
+
+from vla_pipeline.ingest import ingest_episodes
+from vla_pipeline.model import load_policy_dir
+from vla_pipeline.policy_config import PolicyConfig
+from vla_pipeline.train import CHECKPOINT, STATE_FILE, TrainConfig, train
+
+TRAIN_SCRIPT = """
+import json, sys
+from vla_pipeline.policy_config import PolicyConfig
+from vla_pipeline.train import TrainConfig, train
+args = json.loads(sys.argv[1])
+result = train(PolicyConfig.tiny(), TrainConfig(**args["train"]), args["store"], args["train_ids"],
+               args["val_ids"], args["out"], log=lambda line: print(line, flush=True))
+print("RESULT", json.dumps({"steps": result.steps, "resumed_from": result.resumed_from_step}), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("episodes")
+    paths = [
+        write_episode_file(folder / f"episode_2025061{i}_101502_1box_hori_{('left', 'right')[i % 2]}_core_far.h5",
+                           frames=20, height=48, width=64, seed=i)
+        for i in range(4)
+    ]
+    store = tmp_path_factory.mktemp("store") / "store.zarr"
+    ingest_episodes(paths, store)
+    return store, [p.stem for p in paths[:3]], [paths[3].stem]
+
+
+def test_training_saves_only_what_trains(small_store, tmp_path):
+    store, train_ids, val_ids = small_store
+    lines = []
+    result = train(PolicyConfig.tiny(), TrainConfig(epochs=1, batch_size=2, grad_accum=2, log_every=2),
+                   store, train_ids, val_ids, tmp_path, log=lines.append)
+    assert result.steps > 0 and result.epochs == 1 and result.best_val_loss < 1.0
+    assert any(line.startswith("training on CPU") for line in lines)
+    assert any("windows/s" in line and line.startswith("step ") for line in lines)
+    saved = {p.name for p in (tmp_path / "policy").iterdir()}
+    assert {"adapter", "policy.safetensors", "policy_config.json"} <= saved
+    assert not list((tmp_path / "policy").rglob("model.safetensors"))  # never the backbone
+    history = json.loads((tmp_path / "training.json").read_text())["history"]
+    assert [record["epoch"] for record in history] == [1]
+    policy = load_policy_dir(tmp_path / "policy")
+    assert policy.config == PolicyConfig.tiny().replace(backbone=policy.config.backbone)
+
+
+def test_no_training_windows_is_a_clear_error(small_store, tmp_path):
+    store, _, val_ids = small_store
+    with pytest.raises(ValueError, match="no training windows"):
+        train(PolicyConfig.tiny(), TrainConfig(epochs=1), store, [], val_ids, tmp_path, log=lambda line: None)
+
+
+def _launch(small_store, out: Path, config: dict) -> subprocess.Popen:
+    store, train_ids, val_ids = small_store
+    payload = json.dumps({"store": str(store), "train_ids": train_ids, "val_ids": val_ids, "out": str(out),
+                          "train": config})
+    return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, payload], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+def test_resumes_after_kill(small_store, tmp_path):
+    config = {"epochs": 2, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 2, "log_every": 1}
+    out = tmp_path / "run"
+    first = _launch(small_store, out, config)
+    state_file = out / CHECKPOINT / STATE_FILE
+    deadline = time.monotonic() + 240
+    while not state_file.is_file() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)  # a crash, not a clean stop
+    first.wait()
+    assert state_file.is_file(), first.stdout.read()
+    killed_at = torch.load(state_file, weights_only=False)["step"]
+
+    second = _launch(small_store, out, config)
+    output, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, output
+    result = json.loads(output.split("RESULT ", 1)[1])
+    total = 2 * 3 * 16  # 2 epochs × 3 episodes × (20 - 3 - 2 + 1) tiny windows, batch 1
+    assert 0 < killed_at < total
+    assert f"resumed from step {result['resumed_from']}" in output
+    assert result["resumed_from"] >= killed_at and result["steps"] == total
+    assert not any(line.startswith(f"step {killed_at - 1}/") for line in output.splitlines())

@@ -1,0 +1,51 @@
+"""MLflow: where runs go, and the training run's params, metrics and artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+DEFAULT_EXPERIMENT = "mobile-vla"
+MLRUNS = Path("mlruns")
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else a sqlite store in ./mlruns (artifacts beside it)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(MLRUNS / 'mlflow.db').resolve()}"
+
+
+def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    artifacts = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        artifacts = (MLRUNS / "artifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def data_snapshot(train_ids: list[str], val_ids: list[str], content_hashes: dict[str, str]) -> dict:
+    """A short fingerprint of exactly which episode contents a model saw."""
+    listing = json.dumps({"train": sorted(train_ids), "val": sorted(val_ids),
+                          "hashes": {k: content_hashes[k] for k in sorted(content_hashes)}})
+    return {
+        "data_snapshot": hashlib.sha256(listing.encode()).hexdigest()[:16],
+        "train_episodes": len(train_ids),
+        "val_episodes": len(val_ids),
+    }
+
+
+def flat_params(prefix: str, values: dict) -> dict[str, str]:
+    return {f"{prefix}.{key}": str(value) for key, value in values.items()}
+
+
+def run_link(run_id: str, experiment: str) -> str:
+    """The run's page in an MLflow UI served on its default address."""
+    return f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}"
