@@ -9,6 +9,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export DAGSTER_MODULE_NAME ?= vla_pipeline.definitions
 export VLA_EPISODES_DIR ?= data/episodes
 export VLA_STORE ?= data/store.zarr
+export VLA_MODELS ?= data/models
 # Where these machines keep a CPU build of torch; elsewhere torch comes from PyPI.
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
 CPU_TORCH := $(firstword $(wildcard $(FIND_LINKS)/torch-*+cpu-*.whl))
@@ -29,6 +30,8 @@ demo: install
 	$(BIN)/vla-pipeline ingest $(VLA_EPISODES_DIR)
 	$(BIN)/vla-pipeline episodes
 	$(BIN)/dagster asset materialize --select train_val_split 2>&1 | grep -E "train /|RUN_SUCCESS|RUN_FAILURE|Error"
+	VLA_MODEL=tiny $(BIN)/dagster asset materialize --select lora_adapter 2>&1 \
+	  | grep -E "lora_adapter - (training|parameters|epoch|step [0-9]+/)|RUN_SUCCESS|RUN_FAILURE|Error" | sed -E 's/^.* - lora_adapter - //' 
 
 test: install
 	$(BIN)/pytest -q
