@@ -3,7 +3,7 @@
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,7 @@ def lora_adapter(
     MLflow, and resumes from the last checkpoint when the same training was interrupted.
     """
     policy_config, train_config = config.configs()
+    train_config = replace(train_config, loader_workers=compute.loader_workers)
     store = window_store.open()
     split = Split.from_dict(train_val_split)
     hashes = {i: store.episode_attrs(i)["content_hash"] for i in split.train + split.val}

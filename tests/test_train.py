@@ -52,7 +52,9 @@ def test_training_saves_only_what_trains(small_store, tmp_path):
     assert any(line.startswith("training on CPU") for line in lines)
     assert any("windows/s" in line and line.startswith("step ") for line in lines)
     saved = {p.name for p in (tmp_path / "policy").iterdir()}
-    assert {"adapter", "policy.safetensors", "policy_config.json"} <= saved
+    assert {"adapter", "policy.safetensors", "policy_config.json", "action_stats.json"} <= saved
+    stats = json.loads((tmp_path / "policy" / "action_stats.json").read_text())
+    assert stats["action_scale"] == 1.15 and stats["count"] == 3 * 20 and len(stats["mean"]) == 2
     assert not list((tmp_path / "policy").rglob("model.safetensors"))  # never the backbone
     history = json.loads((tmp_path / "training.json").read_text())["history"]
     assert [record["epoch"] for record in history] == [1]

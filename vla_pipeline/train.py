@@ -24,9 +24,12 @@ from transformers import get_cosine_schedule_with_warmup
 from .compute import ComputePlan, plan_compute
 from .model import build_policy, load_policy_dir, save_policy, trainable_parameters
 from .policy_config import PolicyConfig
+from .schema import ACTION_DIMS
+from .store import WindowStore
 from .windows import WindowDataset, make_loader
 
 CHECKPOINT = "checkpoint"
+ACTION_STATS_FILE = "action_stats.json"
 STATE_FILE = "trainer_state.pt"
 
 
@@ -121,6 +124,9 @@ def train(
         )
 
     train_set, val_set = windows(train_ids, True), windows(val_ids, False)
+    # Saved with the policy: the training actions it was fitted to, in robot units.
+    action_stats = {"action_scale": policy_config.action_scale, "dims": list(ACTION_DIMS),
+                    **WindowStore(store_path).action_stats(train_ids).to_dict()} if train_ids else {}
     if len(train_set) == 0:
         raise ValueError("no training windows: ingest episodes with at least window + chunk frames first")
     train_loader = make_loader(train_set, config.batch_size, True, config.loader_workers, config.seed)
@@ -208,6 +214,7 @@ def train(
         if not val_loss > best_val:  # also true for the first epoch and without validation
             best_val = val_loss if not math.isnan(val_loss) else best_val
             save_policy(accelerator.unwrap_model(policy), output_dir / "policy")
+            (output_dir / "policy" / ACTION_STATS_FILE).write_text(json.dumps(action_stats, indent=1))
         epoch, batches_done = epoch + 1, 0
         save_checkpoint()
 
