@@ -31,10 +31,10 @@ class WindowStoreResource(dg.ConfigurableResource):
 
     path: str = "data/store.zarr"
     image_size: int = IMAGE_SIZE
-    window: int = 8
-    chunk: int = 10
-    max_abs_action: float = 1.2
-    min_frames: Optional[int] = None
+    window: int = ValidationRules.window
+    chunk: int = ValidationRules.chunk
+    max_abs_action: float = ValidationRules.max_abs_action
+    min_frames: Optional[int] = ValidationRules.min_frames
     workers: int = min(os.cpu_count() or 1, 8)
 
     @property
