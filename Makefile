@@ -23,6 +23,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q uv
 	$(if $(CPU_TORCH),$(BIN)/uv pip install -q --python $(PY) "$(CPU_TORCH)",)
 	$(BIN)/uv pip install -q --python $(PY) -e '.[dev]'
+	# After `source .venv/bin/activate`, plain `dagster asset materialize ...` finds the code
+	# location and the instance from the repository root.
+	grep -q DAGSTER_MODULE_NAME $(BIN)/activate || printf '%s\n' \
+	  'export DAGSTER_MODULE_NAME="$${DAGSTER_MODULE_NAME:-vla_pipeline.definitions}"' \
+	  'export DAGSTER_HOME="$${DAGSTER_HOME:-$$VIRTUAL_ENV/../.dagster}"' >> $(BIN)/activate
 	touch $@
 
 demo: install
