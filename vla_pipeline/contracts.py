@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 
+from .episodes import model_frame
 from .schema import EVENT_TYPES, window_starts
 from .store import WindowStore
 
@@ -54,8 +54,7 @@ def colour_error(store: WindowStore, episode_id: str) -> dict:
     with h5py.File(source, "r") as h5:
         frame = h5[attrs["source_layout"]][0]
     size = attrs["image_size"]
-    small = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
-    as_rgb = small[..., ::-1] if attrs["source_colour_order"] == "BGR" else small
+    as_rgb = model_frame(frame, attrs["source_colour_order"], size).astype(np.float32)
     stored = store.open_episode(episode_id)["images"][0].astype(np.float32)
     return {
         "error_as_rgb": float(np.abs(stored - as_rgb).mean()),

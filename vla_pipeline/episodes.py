@@ -284,6 +284,16 @@ def _text(value) -> str:
     return str(value).strip("\x00 \t\r\n")
 
 
+def model_frame(frame: np.ndarray, colour_order: str, size: int = IMAGE_SIZE) -> np.ndarray:
+    """One camera frame as the policy sees it: size×size RGB uint8.
+
+    The whole field of view matters (obstacles sit left or right), so the frame is squashed
+    to a square rather than cropped.
+    """
+    small = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(small, cv2.COLOR_BGR2RGB) if colour_order == "BGR" else small
+
+
 def read_frames(
     header: EpisodeHeader, size: int = IMAGE_SIZE, rules: ValidationRules = ValidationRules()
 ) -> np.ndarray:
@@ -294,11 +304,7 @@ def read_frames(
         with h5py.File(header.path, "r") as h5:
             for start, block in frame_blocks(h5[header.image_dataset], header.path):
                 for offset, frame in enumerate(block):
-                    # The whole field of view matters (obstacles sit left or right),
-                    # so the frame is squashed to a square rather than cropped.
-                    small = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
-                    if header.colour_order == "BGR":
-                        small = cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+                    small = model_frame(frame, header.colour_order, size)
                     frames[start + offset] = small
                     if small.std() < rules.blank_std:
                         blank.append(start + offset)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .episodes import ValidationRules, inspect_episode
+from .episodes import ValidationRules, inspect_episode, model_frame
 from .preprocess import normalise_actions
 from .schema import ACTION_SCALE, IMAGE_SIZE, window_starts
 from .store import WindowStore
@@ -213,7 +213,5 @@ class HDF5WindowDataset(Dataset):
             raw = h5["actions"][start : start + W + C - 1, :2].astype(np.float32)
         frames = np.empty((len(source), size, size, 3), np.uint8)
         for i, frame in enumerate(source):
-            frames[i] = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
-            if order == "BGR":
-                frames[i] = cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB)
+            frames[i] = model_frame(frame, order, size)
         return _item(frames, raw, W, C, self.action_scale, instruction, episode_id, start, side)
