@@ -178,11 +178,12 @@ def _ingest_in_parallel(paths: list[Path], workers: int, record, job, *args) -> 
     # forkserver: workers do not inherit the caller's threads, locks or open database handles.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["vla_pipeline.ingest"])
+    processes = min(workers, len(paths)) - 1  # never more processes than files to share
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
-        with ProcessPoolExecutor(workers - 1, mp_context=context, initializer=_one_thread) as pool:
-            for _ in range(workers - 1):
+        with ProcessPoolExecutor(processes, mp_context=context, initializer=_one_thread) as pool:
+            for _ in range(processes):
                 feed(pool)
             while (index := take()) is not None:
                 finished.put((index, job(paths[index], *args)))
