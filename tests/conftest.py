@@ -60,3 +60,21 @@ def episode_dir(tmp_path) -> Path:
     folder = tmp_path / "episodes"
     folder.mkdir()
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_path(tmp_path_factory) -> Path:
+    """A tiny Kosmos-2 written with save_pretrained, loaded back through from_pretrained."""
+    from vla_pipeline.model import save_tiny_backbone
+
+    return save_tiny_backbone(tmp_path_factory.mktemp("kosmos2-tiny"))
+
+
+def scripted_actions(side: str = "left", frames: int = 18) -> np.ndarray:
+    """The collector's key guide for going around an obstacle on `side`: W W W, A A, W W, D D, then W."""
+    x, y = 1.15, 1.15 if side == "left" else -1.15
+    keys = [(0, 0), (x, 0), (x, 0), (x, 0), (0, y), (0, y), (x, 0), (x, 0), (0, -y), (0, -y)]
+    keys += [(x, 0)] * (frames - len(keys))
+    actions = np.zeros((frames, 3), np.float32)
+    actions[:, :2] = keys[:frames]
+    return actions

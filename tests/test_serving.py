@@ -1,0 +1,126 @@
+"""Streaming inference equals whole-window inference, and evaluation scores what it should."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import scripted_actions, write_episode_file
+
+from vla_pipeline.episodes import model_frame
+from vla_pipeline.evaluation import evaluate, predict_frames
+from vla_pipeline.ingest import ingest_episodes
+from vla_pipeline.model import build_policy
+from vla_pipeline.policy_config import PolicyConfig
+from vla_pipeline.schema import ACTION_SCALE, INSTRUCTION_TEMPLATE
+from vla_pipeline.serving import StreamingPolicy
+from vla_pipeline.windows import mirror_instruction
+
+LEFT = INSTRUCTION_TEMPLATE.format(side="left", target="cup")
+
+
+def set_constant_output(policy, x: float, y: float) -> None:
+    """Make the head output the normalised action (tanh(x), tanh(y)) at every chunk step."""
+    last = policy.head.mlp[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([x, y] * policy.config.chunk))
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_backbone_path):
+    return build_policy(PolicyConfig.tiny(backbone=str(tiny_backbone_path), window=3, chunk=2)).eval()
+
+
+@pytest.fixture(scope="module")
+def raw_frames():
+    """An episode's camera frames as the robot delivers them: BGR, not 224×224."""
+    return np.random.default_rng(0).integers(0, 256, (7, 90, 160, 3), dtype=np.uint8)
+
+
+def test_streaming_equals_whole_window_recompute(policy, raw_frames):
+    stream = StreamingPolicy(policy, colour_order="BGR")
+    rgb = torch.from_numpy(np.stack([model_frame(f, "BGR") for f in raw_frames]))
+    W = policy.config.window
+    for t, frame in enumerate(raw_frames):
+        streamed = stream.step(frame, LEFT)
+        window = rgb[max(0, t - W + 1) : t + 1][None]
+        recomputed = policy.predict(window, [LEFT])[0].numpy()
+        assert streamed.shape == (policy.config.chunk, 2)
+        np.testing.assert_allclose(streamed, recomputed, atol=1e-5, err_msg=f"frame {t}")
+        assert stream.frames_in_window == min(t + 1, W)
+    # the episode-level path used by evaluation gives the same numbers
+    np.testing.assert_allclose(predict_frames(policy, rgb.numpy(), LEFT)[-1], streamed, atol=1e-5)
+
+
+def test_rgb_input_and_reset(policy, raw_frames):
+    bgr = StreamingPolicy(policy, colour_order="BGR")
+    rgb = StreamingPolicy(policy, colour_order="RGB")
+    first = [bgr.step(f, LEFT) for f in raw_frames[:4]]
+    second = [rgb.step(np.ascontiguousarray(f[..., ::-1]), LEFT) for f in raw_frames[:4]]
+    np.testing.assert_allclose(first, second, atol=1e-6)
+    bgr.reset()
+    np.testing.assert_allclose(bgr.step(raw_frames[0], LEFT), first[0], atol=1e-6)
+
+
+def test_a_new_instruction_re_encodes_the_cached_frames(policy, raw_frames):
+    right = mirror_instruction(LEFT)
+    switched = StreamingPolicy(policy)
+    for frame in raw_frames[:3]:
+        switched.step(frame, LEFT)
+    fresh = StreamingPolicy(policy)
+    for frame in raw_frames[1:3]:
+        fresh.step(frame, right)
+    np.testing.assert_allclose(switched.step(raw_frames[3], right), fresh.step(raw_frames[3], right), atol=1e-5)
+
+
+def test_step_rejects_what_is_not_a_camera_frame(policy):
+    stream = StreamingPolicy(policy)
+    with pytest.raises(ValueError, match="uint8"):
+        stream.step(np.zeros((90, 160, 3), np.float32), LEFT)
+    with pytest.raises(ValueError, match="colour_order"):
+        StreamingPolicy(policy, colour_order="YUV")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("episodes")
+    paths = [
+        write_episode_file(folder / f"episode_20250614_10150{i}_1box_hori_{side}_core_medium.h5",
+                           actions=scripted_actions(side), seed=i)
+        for i, side in enumerate(["left", "right", "left"])
+    ]
+    store_path = folder.parent / "store.zarr"
+    ingest_episodes(paths, store_path)
+    return store_path
+
+
+def _episode_ids(store_path):
+    from vla_pipeline.store import WindowStore
+
+    return WindowStore(store_path).episode_ids()
+
+
+@pytest.mark.parametrize("constant, baseline", [((20.0, 0.0), "always_forward"), ((0.0, 0.0), "zero")])
+def test_a_constant_policy_scores_exactly_its_baseline(tiny_backbone_path, store, constant, baseline):
+    policy = build_policy(PolicyConfig.tiny(backbone=str(tiny_backbone_path)))
+    set_constant_output(policy, *constant)  # tanh(20) is exactly 1.0 in float32
+    result = evaluate(policy, store, _episode_ids(store), train_mean=(0.5, 0.0)).metrics
+    assert result["model"] == result["baselines"][baseline]
+    assert result["margin"]["first"]["direction_accuracy_margin"] <= 0
+    # 3 episodes × frames covered by windows (starts 0…13 for window 3 + chunk 2 of 18 frames)
+    assert result["episodes"] == 3 and result["predictions"] == 3 * 16
+    assert result["instruction_sensitivity"]["flip_fraction_first"] == 0.0  # a constant ignores the text
+    assert set(result["by_side"]) == {"left", "right"}
+    assert result["by_scenario"]["1box_hori_left"]["predictions"] == 32
+
+
+def test_evaluation_targets_are_the_recorded_chunks(tiny_backbone_path, store):
+    policy = build_policy(PolicyConfig.tiny(backbone=str(tiny_backbone_path)))
+    evaluation = evaluate(policy, store, _episode_ids(store)[:1], train_mean=(0.5, 0.0))
+    episode = evaluation.episodes[0]
+    recorded = scripted_actions(episode.side)[:, :2]
+    np.testing.assert_array_equal(episode.true[:, 0], recorded[:16])
+    np.testing.assert_array_equal(episode.true[:, 1], recorded[1:17])
+    assert np.abs(episode.pred).max() <= ACTION_SCALE + 1e-6
+    assert episode.pred_swapped is not None  # left/right episodes are also run with the sides swapped

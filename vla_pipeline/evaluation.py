@@ -1,0 +1,163 @@
+"""Score a policy on the validation episodes of the window store.
+
+Every frame a training window would cover (frames 0 … last window start + W - 1) is
+predicted once, from the window of up to W frames that ends at it: the prediction the robot
+gets from `StreamingPolicy.step` at that frame. Its target is the recorded chunk
+actions[t … t+C-1] in robot units. The constant baselines are scored on the same targets,
+and left/right episodes are predicted a second time with "left" and "right" swapped in the
+instruction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics
+from .model import MobileVLAPolicy
+from .preprocess import normalise_images
+from .schema import ACTION_DIMS, window_starts
+from .serving import sliding_window_actions
+from .split import EpisodeEntry
+from .store import WindowStore
+from .windows import mirror_instruction
+
+ENCODE_BATCH = 8  # frames per backbone call
+
+
+@dataclass
+class EpisodePredictions:
+    episode_id: str
+    side: str | None
+    scenario: str | None
+    instruction: str
+    pred: np.ndarray  # (N, C, 2) robot units
+    true: np.ndarray  # (N, C, 2) robot units
+    pred_swapped: np.ndarray | None = None  # with left/right swapped in the instruction
+
+
+@dataclass
+class Evaluation:
+    metrics: dict
+    episodes: list[EpisodePredictions] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(self.metrics, indent=1, default=_jsonable)
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+@torch.no_grad()
+def predict_frames(policy: MobileVLAPolicy, images: np.ndarray, instruction: str) -> np.ndarray:
+    """(T, 224, 224, 3) RGB frames of one episode -> (T, chunk, 2) actions in robot units."""
+    features = torch.cat([
+        policy.encode_images(normalise_images(images[i : i + ENCODE_BATCH]), [instruction] * len(images[i : i + ENCODE_BATCH]))
+        for i in range(0, len(images), ENCODE_BATCH)
+    ])
+    return (sliding_window_actions(policy, features) * policy.config.action_scale).float().cpu().numpy()
+
+
+def predict_episode(policy: MobileVLAPolicy, store: WindowStore, episode_id: str, swap_sides: bool = True) -> EpisodePredictions | None:
+    """Predictions for the frames the episode's windows cover; None if it has no window."""
+    config = policy.config
+    group = store.open_episode(episode_id)
+    attrs = dict(group.attrs)
+    starts = window_starts(int(attrs["num_frames"]), config.window, config.chunk)
+    if not starts:
+        return None
+    frames = starts[-1] + config.window
+    images = np.asarray(group["images"][:frames])
+    actions = np.asarray(group["actions"][: frames + config.chunk - 1, :2], np.float32)
+    steps = np.arange(frames)[:, None] + np.arange(config.chunk)[None, :]
+    entry = EpisodeEntry.from_attrs(episode_id, attrs)
+    result = EpisodePredictions(
+        episode_id=episode_id, side=entry.side, scenario=entry.scenario_group, instruction=attrs["instruction"],
+        pred=predict_frames(policy, images, attrs["instruction"]), true=actions[steps],
+    )
+    swapped = mirror_instruction(attrs["instruction"])
+    if swap_sides and entry.side in ("left", "right") and swapped != attrs["instruction"]:
+        result.pred_swapped = predict_frames(policy, images, swapped)
+    return result
+
+
+def evaluate(
+    policy: MobileVLAPolicy,
+    store_path: Path | str,
+    episode_ids: Sequence[str],
+    train_mean: Sequence[float],
+    dead_band: float = metrics.DEFAULT_DEAD_BAND,
+    progress: Callable[[str], None] | None = None,
+) -> Evaluation:
+    """Metrics of `policy` (and of the constant baselines) on the episodes' covered frames."""
+    store = WindowStore(store_path)
+    scale = policy.config.action_scale
+    was_training = policy.training
+    policy.eval()
+    episodes = []
+    try:
+        for number, episode_id in enumerate(episode_ids, 1):
+            predicted = predict_episode(policy, store, episode_id)
+            if predicted is not None:
+                episodes.append(predicted)
+            if progress:
+                progress(f"evaluated {number}/{len(episode_ids)} episodes ({episode_id})")
+    finally:
+        policy.train(was_training)
+    if not episodes:
+        raise ValueError(f"none of the {len(episode_ids)} evaluation episodes has a complete window "
+                         f"(window {policy.config.window} + chunk {policy.config.chunk} frames)")
+    pred = np.concatenate([e.pred for e in episodes])
+    true = np.concatenate([e.true for e in episodes])
+    model = metrics.score(pred, true, scale, dead_band)
+    baselines = metrics.score_baselines(true, metrics.constant_baselines(train_mean, scale), scale, dead_band)
+    swapped = [e for e in episodes if e.pred_swapped is not None]
+    result = {
+        "episodes": len(episodes),
+        "predictions": int(len(pred)),
+        "chunk": policy.config.chunk,
+        "window": policy.config.window,
+        "action_scale": scale,
+        "dead_band": dead_band,
+        "model": model,
+        "baselines": baselines,
+        "margin": metrics.margins(model, baselines),
+        "instruction_sensitivity": metrics.instruction_sensitivity(
+            np.concatenate([e.pred[..., 1] for e in swapped]) if swapped else np.zeros((0, 1)),
+            np.concatenate([e.pred_swapped[..., 1] for e in swapped]) if swapped else np.zeros((0, 1)),
+        ),
+        "by_side": metrics.breakdown(pred, true, _labels(episodes, "side"), scale, dead_band),
+        "by_scenario": metrics.breakdown(pred, true, _labels(episodes, "scenario"), scale, dead_band),
+    }
+    return Evaluation(result, episodes)
+
+
+def _labels(episodes: list[EpisodePredictions], name: str) -> list[str | None]:
+    return [getattr(e, name) for e in episodes for _ in range(len(e.pred))]
+
+
+def headline(result: dict) -> dict[str, float]:
+    """Flat numbers for MLflow metrics and registry tags."""
+    model, margin, sensitivity = result["model"], result["margin"], result["instruction_sensitivity"]
+    out = {}
+    for steps in metrics.STEPS:
+        out[f"direction_accuracy_{steps}"] = model[steps]["direction_accuracy"]
+        out[f"direction_accuracy_margin_{steps}"] = margin[steps]["direction_accuracy_margin"]
+        out[f"mse_margin_{steps}"] = margin[steps]["mse_margin"]
+        for key in ("mse", "mae", "rmse", *(f"{m}_{d}" for m in ("mse", "mae", "rmse") for d in ACTION_DIMS)):
+            out[f"{key}_{steps}"] = model[steps][key]
+        for name, scored in result["baselines"].items():
+            out[f"baseline_{name}_direction_accuracy_{steps}"] = scored[steps]["direction_accuracy"]
+            out[f"baseline_{name}_mse_{steps}"] = scored[steps]["mse"]
+    for key, value in sensitivity.items():
+        out[f"instruction_{key}"] = value
+    out["eval_predictions"] = result["predictions"]
+    return {key: float(value) for key, value in out.items()}

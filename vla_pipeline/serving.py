@@ -1,0 +1,91 @@
+"""The policy as the robot runs it: one camera frame in, one action chunk out.
+
+`StreamingPolicy.step` encodes only the new frame with the backbone and keeps the features
+of the last `window - 1` frames, so the LSTM head sees exactly the window it saw in
+training (frames t-W+1 … t, fewer at the start of an episode) at the cost of one frame.
+Frames go through `episodes.model_frame` and `preprocess.normalise_images`, the very code
+the window store and the trainer use.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+
+from .episodes import model_frame
+from .model import MobileVLAPolicy
+from .preprocess import normalise_images
+from .schema import IMAGE_SIZE
+
+COLOUR_ORDERS = ("BGR", "RGB")
+
+
+def sliding_window_actions(policy: MobileVLAPolicy, features: torch.Tensor) -> torch.Tensor:
+    """Per-frame features (T, H) of one episode -> (T, chunk, 2) normalised actions, the one at
+    frame t predicted from the window of frames max(0, t-W+1) … t, as `StreamingPolicy` does."""
+    window = policy.config.window
+    # The LSTM is causal: position t of the first window sees frames 0 … t only.
+    first = policy.head(features[None, :window])[0]
+    if len(features) <= window:
+        return first
+    later = features.unfold(0, window, 1).movedim(-1, 1)[1:]  # (T-W, W, H): windows ending at W … T-1
+    return torch.cat([first, policy.head(later)[:, -1]])
+
+
+class StreamingPolicy:
+    """`reset()` at the start of an episode, then `step(image, instruction)` per frame.
+
+    `colour_order` says what `step` receives: "BGR" (the robot's raw camera frame, any size,
+    the default) or "RGB". Actions come back in robot units as a (chunk, 2) float32 array of
+    (linear_x, linear_y); the first row is the command to send now.
+    """
+
+    def __init__(self, policy: MobileVLAPolicy, colour_order: str = "BGR", metadata: dict | None = None):
+        self.policy = policy.eval()
+        self.config = policy.config
+        self.colour_order = _colour_order(colour_order)
+        self.metadata = dict(metadata or {})
+        self._pixels: deque[torch.Tensor] = deque(maxlen=self.config.window)
+        self._features: deque[torch.Tensor] = deque(maxlen=self.config.window)
+        self._instruction: str | None = None
+
+    def reset(self) -> None:
+        self._pixels.clear()
+        self._features.clear()
+        self._instruction = None
+
+    def preprocess(self, image, colour_order: str | None = None) -> torch.Tensor:
+        """A camera frame (H, W, 3) uint8 -> normalised (3, 224, 224), as in training."""
+        frame = np.asarray(image)
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise ValueError(f"image must be a uint8 (height, width, 3) array, got {frame.dtype} {frame.shape}")
+        order = _colour_order(colour_order or self.colour_order)
+        return normalise_images(model_frame(frame, order, IMAGE_SIZE))
+
+    @torch.no_grad()
+    def step(self, image, instruction: str, colour_order: str | None = None) -> np.ndarray:
+        """Encode the new frame, append its feature to the window, return the (chunk, 2) actions."""
+        pixels = self.preprocess(image, colour_order)
+        if instruction != self._instruction and self._pixels:
+            # A new instruction changes every cached feature: re-encode the window's frames.
+            stack = torch.stack(list(self._pixels))
+            self._features = deque(self.policy.encode_images(stack, [instruction] * len(stack)),
+                                   maxlen=self.config.window)
+        self._instruction = instruction
+        self._pixels.append(pixels)
+        self._features.append(self.policy.encode_images(pixels[None], [instruction])[0])
+        actions = self.policy.head(torch.stack(list(self._features))[None])[0, -1]
+        return (actions * self.config.action_scale).float().cpu().numpy()
+
+    @property
+    def frames_in_window(self) -> int:
+        return len(self._features)
+
+
+def _colour_order(value: str) -> str:
+    order = str(value).upper()
+    if order not in COLOUR_ORDERS:
+        raise ValueError(f"colour_order must be 'BGR' (raw robot frame) or 'RGB', got {value!r}")
+    return order
