@@ -16,7 +16,7 @@ from resources import ComputeResource, WindowStoreResource
 from vla_pipeline.policy_config import DEFAULT_BACKBONE, PolicyConfig
 from vla_pipeline.schema import ACTION_DIMS
 from vla_pipeline.split import Split, load_split, save_split, split_from_store, train_action_stats
-from vla_pipeline.tracking import data_snapshot, experiment_id, flat_params, run_link
+from vla_pipeline.tracking import RUN_ID_FILE, data_snapshot, experiment_id, flat_params, run_link
 from vla_pipeline.train import TrainConfig, train
 
 
@@ -117,7 +117,7 @@ def lora_adapter(
     context.log.info(f"training {policy_config.backbone} ({policy_config.preset}) into {output_dir}")
 
     experiment = experiment_id()
-    run_file = output_dir / "mlflow_run_id"
+    run_file = output_dir / RUN_ID_FILE
     run_id = run_file.read_text().strip() if run_file.is_file() else None
     with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=f"lora-{fingerprint}") as run:
         output_dir.mkdir(parents=True, exist_ok=True)

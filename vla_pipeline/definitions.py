@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import dagster as dg
 
+from assets.evaluation import evaluation_metrics, registered_model
 from assets.episodes import episode_partitions, episode_windows, raw_episode
 from assets.training import lora_adapter, train_val_split
 from resources import ComputeResource, EpisodeFolder, WindowStoreResource
@@ -22,7 +23,7 @@ ingest_job = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=[raw_episode, episode_windows, train_val_split, lora_adapter],
+    assets=[raw_episode, episode_windows, train_val_split, lora_adapter, evaluation_metrics, registered_model],
     jobs=[ingest_job],
     resources={
         "episode_folder": EpisodeFolder(path=env_or("VLA_EPISODES_DIR", "data/episodes")),

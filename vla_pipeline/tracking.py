@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 DEFAULT_EXPERIMENT = "mobile-vla"
 MLRUNS = Path("mlruns")
+RUN_ID_FILE = "mlflow_run_id"  # in a lora_adapter output folder, beside policy/
 
 
 def tracking_uri() -> str:
@@ -49,3 +50,23 @@ def flat_params(prefix: str, values: dict) -> dict[str, str]:
 def run_link(run_id: str, experiment: str) -> str:
     """The run's page in an MLflow UI served on its default address."""
     return f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}"
+
+
+def training_run_id(policy_dir: Path | str) -> str | None:
+    """The MLflow run that trained the policy in `policy_dir` (recorded beside it by lora_adapter)."""
+    run_file = Path(policy_dir).parent / RUN_ID_FILE
+    return run_file.read_text().strip() if run_file.is_file() else None
+
+
+def git_commit() -> str:
+    """The commit of the code that is running, "+dirty" with uncommitted changes; "unknown" outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")

@@ -1,0 +1,191 @@
+"""Evaluation assets: the trained policy scored against constant baselines on the validation
+episodes, and its registration in the MLflow model registry behind a promotion gate."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+from pydantic import Field
+
+from resources import ComputeResource, WindowStoreResource
+from vla_pipeline import registry
+from vla_pipeline.evaluation import evaluate, headline
+from vla_pipeline.metrics import DEFAULT_DEAD_BAND
+from vla_pipeline.model import load_policy_dir
+from vla_pipeline.report import (
+    CONFUSION_PLOT, PREDICTIONS_PLOT, confusion_table, group_table, inline_image, markdown, per_class_table,
+    per_dimension_table, sensitivity_table, summary_table, write_report,
+)
+from vla_pipeline.split import Split
+from vla_pipeline.tracking import data_snapshot, experiment_id, git_commit, run_link, training_run_id
+from vla_pipeline.train import ACTION_STATS_FILE
+
+
+class EvaluationConfig(dg.Config):
+    dead_band: float = Field(default=DEFAULT_DEAD_BAND, description="fraction of the action scale that counts as 0")
+
+
+def _load(policy_dir, compute: ComputeResource):
+    policy = load_policy_dir(policy_dir)
+    return policy.to(compute.plan().device)
+
+
+def _train_mean(policy_dir) -> list[float]:
+    stats = json.loads((Path(policy_dir) / ACTION_STATS_FILE).read_text())
+    return stats["mean"]
+
+
+def _evaluate(policy_dir, split: Split, window_store: WindowStoreResource, compute, dead_band, log):
+    if not split.val:
+        raise dg.Failure("the split has no validation episodes: ingest more episodes or raise val_fraction")
+    policy = _load(policy_dir, compute)
+    return evaluate(policy, window_store.open().path, split.val, _train_mean(policy_dir), dead_band, progress=log)
+
+
+@dg.asset(group_name="evaluation", kinds={"mlflow"})
+def evaluation_metrics(
+    context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
+    lora_adapter: str,
+    train_val_split: dict,
+    window_store: WindowStoreResource,
+    compute: ComputeResource,
+) -> dg.Output:
+    """Direction accuracy (9 classes with a dead band), MSE/MAE/RMSE per dimension, constant
+    baselines on the same frames, left↔right instruction sensitivity, and per-side and
+    per-scenario breakdowns on the validation episodes. Logged to the training's MLflow run."""
+    split = Split.from_dict(train_val_split)
+    evaluation = _evaluate(lora_adapter, split, window_store, compute, config.dead_band, context.log.info)
+    result = evaluation.metrics
+    val_key = hashlib.sha256(json.dumps([sorted(split.val), config.dead_band]).encode()).hexdigest()[:10]
+    report_dir = write_report(evaluation, Path(lora_adapter).parent / "evaluation" / val_key)
+    numbers = headline(result)
+    run_id = training_run_id(lora_adapter)
+    if run_id:
+        with mlflow.start_run(run_id=run_id, experiment_id=experiment_id()):
+            mlflow.log_metrics({f"eval_{key}": value for key, value in numbers.items()})
+            mlflow.log_artifacts(str(report_dir), "evaluation")
+    else:
+        context.log.warning(f"{lora_adapter}: no MLflow training run recorded beside it; metrics not logged")
+    margin = result["margin"]["first"]
+    context.log.info(
+        f"direction accuracy {numbers['direction_accuracy_first']:.3f} (first step), "
+        f"{margin['direction_accuracy_margin']:+.3f} over the best baseline ({margin['best_accuracy_baseline']})"
+    )
+    return dg.Output(
+        {"policy_dir": lora_adapter, "val_episodes": split.val, "headline": numbers, "metrics": result},
+        metadata={
+            "direction_accuracy_first": numbers["direction_accuracy_first"],
+            "direction_accuracy_all": numbers["direction_accuracy_all"],
+            "margin_over_best_baseline": numbers["direction_accuracy_margin_first"],
+            "best_baseline": margin["best_accuracy_baseline"],
+            "mse_first": numbers["mse_first"],
+            "instruction_flip_fraction": numbers.get("instruction_flip_fraction_first", float("nan")),
+            "val_episodes": result["episodes"],
+            "predictions": result["predictions"],
+            "model_vs_baselines": dg.MetadataValue.md(summary_table(result)),
+            "errors_per_dimension": dg.MetadataValue.md(per_dimension_table(result)),
+            "direction_classes": dg.MetadataValue.md(per_class_table(result) + "\n\n" + confusion_table(result)),
+            "instruction_sensitivity": dg.MetadataValue.md(sensitivity_table(result["instruction_sensitivity"])),
+            "by_side": dg.MetadataValue.md(group_table(result["by_side"], "side")),
+            "by_scenario": dg.MetadataValue.md(group_table(result["by_scenario"], "scenario")),
+            "predictions_plot": dg.MetadataValue.md(inline_image(report_dir / PREDICTIONS_PLOT, "predicted vs recorded")),
+            "confusion_plot": dg.MetadataValue.md(inline_image(report_dir / CONFUSION_PLOT, "confusion matrix")),
+            "report": dg.MetadataValue.path(str(report_dir / "report.md")),
+            **({"mlflow_run": dg.MetadataValue.url(run_link(run_id, experiment_id()))} if run_id else {}),
+        },
+    )
+
+
+class RegistryConfig(dg.Config):
+    model_name: str = Field(default_factory=lambda: os.environ.get("VLA_REGISTERED_MODEL") or registry.DEFAULT_MODEL_NAME)
+    min_accuracy_margin: float = Field(
+        default=0.05, description="first-step direction accuracy the model must gain over the best constant baseline")
+
+
+def _version_tags(numbers: dict, split: Split, lora_adapter: str, snapshot: dict) -> dict[str, str]:
+    tags = {f"metric.{key}": f"{value:.4f}" for key, value in numbers.items()}
+    tags.update({
+        "training_fingerprint": Path(lora_adapter).parent.name,
+        "git_commit": git_commit(),
+        "split": json.dumps({"train_episodes": len(split.train), "val_episodes": len(split.val),
+                             "val_fraction": split.val_fraction}),
+        "split_val_episodes": ",".join(split.val)[:4900],
+        **{key: str(value) for key, value in snapshot.items()},
+    })
+    return tags
+
+
+@dg.asset(group_name="evaluation", kinds={"mlflow"})
+def registered_model(
+    context: dg.AssetExecutionContext,
+    config: RegistryConfig,
+    lora_adapter: str,
+    evaluation_metrics: dict,
+    train_val_split: dict,
+    window_store: WindowStoreResource,
+    compute: ComputeResource,
+) -> dg.Output:
+    """A new version of the registered model (MLflow pyfunc whose artifact is the policy
+    directory). It takes alias `champion` only if it beats the best constant baseline by
+    `min_accuracy_margin` and matches the current champion re-evaluated on the same
+    validation episodes; otherwise alias `challenger`, with the reason."""
+    split = Split.from_dict(train_val_split)
+    result, numbers = evaluation_metrics["metrics"], evaluation_metrics["headline"]
+    margin = result["margin"]["first"]
+    best = margin["best_accuracy_baseline"]
+    fingerprint = Path(lora_adapter).parent.name
+
+    champion = registry.version_by_alias(config.model_name, registry.CHAMPION)
+    champion_accuracy = None
+    if champion is not None:
+        if champion.tags.get("training_fingerprint") == fingerprint:
+            champion_accuracy = numbers[registry.GATE_METRIC]  # the very same weights
+        else:
+            context.log.info(f"re-evaluating champion v{champion.version} on the current {len(split.val)} validation episodes")
+            champion_dir = registry.policy_dir_of(champion)
+            again = _evaluate(champion_dir, split, window_store, compute, result["dead_band"], context.log.info)
+            champion_accuracy = headline(again.metrics)[registry.GATE_METRIC]
+    decision = registry.decide_promotion(
+        numbers[registry.GATE_METRIC], best, result["baselines"][best]["first"]["direction_accuracy"],
+        config.min_accuracy_margin, champion_accuracy, champion.version if champion else None,
+    )
+
+    store = window_store.open()
+    hashes = {i: store.episode_attrs(i)["content_hash"] for i in split.train + split.val}
+    tags = _version_tags(numbers, split, lora_adapter, data_snapshot(split.train, split.val, hashes))
+    tags.update(promotion=decision.alias, promotion_reason=decision.reason)
+    run_id = training_run_id(lora_adapter)
+    client = registry.client()
+    version = registry.version_with_tag(config.model_name, "training_fingerprint", fingerprint)
+    if version is None:
+        with mlflow.start_run(run_id=run_id, experiment_id=experiment_id()):
+            info = registry.log_policy_model(lora_adapter)
+        version = mlflow.register_model(info.model_uri, config.model_name, tags=tags)
+    else:  # the same trained weights again: re-gate the existing version instead of duplicating it
+        context.log.info(f"{config.model_name} v{version.version} already holds this training; updating its gate")
+        for key, value in tags.items():
+            client.set_model_version_tag(config.model_name, version.version, key, value)
+    client.set_registered_model_alias(config.model_name, decision.alias, version.version)
+    context.log.info(f"{config.model_name} v{version.version} → @{decision.alias}: {decision.reason}")
+    return dg.Output(
+        {"name": config.model_name, "version": str(version.version), "alias": decision.alias,
+         "uri": f"models:/{config.model_name}/{version.version}"},
+        metadata={
+            "model_name": config.model_name,
+            "version": int(version.version),
+            "alias": decision.alias,
+            "reason": decision.reason,
+            "direction_accuracy_first": numbers[registry.GATE_METRIC],
+            "best_baseline": f"{best} ({result['baselines'][best]['first']['direction_accuracy']:.3f})",
+            "champion_before": f"v{champion.version}" if champion else "none",
+            "champion_before_accuracy_on_current_val": champion_accuracy if champion_accuracy is not None else float("nan"),
+            "model_uri": f"models:/{config.model_name}@{decision.alias}",
+            "git_commit": tags["git_commit"],
+            "evaluation": dg.MetadataValue.md(markdown(result)),
+            **({"mlflow_run": dg.MetadataValue.url(run_link(run_id, experiment_id()))} if run_id else {}),
+        },
+    )

@@ -1,0 +1,187 @@
+"""The evaluation and registry assets, promotion gating, lookup by alias, and `vla-pipeline predict`."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import dagster as dg
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import scripted_actions, write_episode_file
+from test_serving import set_constant_output
+
+from assets.evaluation import evaluation_metrics, registered_model
+from resources import ComputeResource, WindowStoreResource
+from vla_pipeline import cli, registry
+from vla_pipeline.ingest import ingest_episodes
+from vla_pipeline.model import build_policy, save_policy
+from vla_pipeline.policy_config import PolicyConfig
+from vla_pipeline.train import ACTION_STATS_FILE
+
+NAME = "mobile-vla-test"
+
+
+def test_gate_needs_a_margin_over_the_best_baseline():
+    decision = registry.decide_promotion(0.60, "always_forward", 0.58, min_margin=0.05)
+    assert decision.alias == "challenger" and "always_forward" in decision.reason and "+0.020" in decision.reason
+    assert registry.decide_promotion(0.70, "always_forward", 0.58, min_margin=0.05).promoted
+    assert not registry.decide_promotion(0.58, "always_forward", 0.58, min_margin=0.0).promoted  # a tie is no win
+
+
+def test_gate_needs_at_least_the_champion_on_the_same_validation_set():
+    worse = registry.decide_promotion(0.70, "zero", 0.2, 0.05, champion_accuracy=0.75, champion_version="3")
+    assert worse.alias == "challenger" and "champion v3" in worse.reason
+    assert registry.decide_promotion(0.75, "zero", 0.2, 0.05, champion_accuracy=0.75, champion_version="3").promoted
+    first = registry.decide_promotion(0.75, "zero", 0.2, 0.05)
+    assert first.promoted and "no champion" in first.reason
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("registry")
+    folder = root / "episodes"
+    paths = [
+        write_episode_file(folder / f"episode_20250614_10150{i}_1box_hori_{side}_core_medium.h5",
+                           actions=scripted_actions(side), seed=i)
+        for i, side in enumerate(["left", "right", "left", "right"])
+    ]
+    strafing = scripted_actions("right")
+    strafing[1:, :] = [0.0, -1.15, 0.0]  # an episode that strafes right all the way
+    paths.append(write_episode_file(folder / "episode_20250614_101509_1box_hori_right_core_far.h5",
+                                    actions=strafing, seed=9))
+    store_path = root / "store.zarr"
+    ingest_episodes(paths, store_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        yield {"root": root, "store": store_path, "paths": paths, "ids": [p.stem for p in paths]}
+
+
+def _policy_dir(env, name, tiny_backbone_path, constant=None):
+    """A saved policy: constant (x, y) head output, or the untrained head when constant is None."""
+    policy = build_policy(PolicyConfig.tiny(backbone=str(tiny_backbone_path)))
+    if constant is not None:
+        set_constant_output(policy, *constant)
+    directory = save_policy(policy, env["root"] / name / "policy")
+    (directory / ACTION_STATS_FILE).write_text(json.dumps({"mean": [0.8, 0.0]}))
+    return str(directory)
+
+
+def _register(env, policy_dir, val_ids, min_margin):
+    split = {"train": [i for i in env["ids"] if i not in val_ids], "val": list(val_ids), "val_fraction": 0.4}
+
+    @dg.asset(name="lora_adapter")
+    def given_adapter():
+        return policy_dir
+
+    @dg.asset(name="train_val_split")
+    def given_split():
+        return split
+
+    result = dg.materialize(
+        [given_adapter, given_split, evaluation_metrics, registered_model],
+        resources={"window_store": WindowStoreResource(path=str(env["store"])), "compute": ComputeResource()},
+        run_config={"ops": {"registered_model": {"config": {"model_name": NAME, "min_accuracy_margin": min_margin}}}},
+    )
+    assert result.success
+    return (result.output_for_node("evaluation_metrics"), result.output_for_node("registered_model"),
+            result.asset_materializations_for_node("registered_model")[0].metadata)
+
+
+@pytest.fixture(scope="module")
+def registered(env, tiny_backbone_path):
+    """v1: a constant always-forward policy, let through with a negative margin, becomes champion.
+    v2: an untrained head, gated at the default margin on a larger validation set."""
+    forward = _policy_dir(env, "forward", tiny_backbone_path, constant=(20.0, 0.0))
+    _, first, first_meta = _register(env, forward, env["ids"][:2], min_margin=-0.01)
+    untrained = _policy_dir(env, "untrained", tiny_backbone_path)
+    evaluation, second, second_meta = _register(env, untrained, env["ids"][:2] + env["ids"][4:], min_margin=0.05)
+    return {"first": (first, first_meta), "second": (second, second_meta, evaluation), "untrained": untrained}
+
+
+def test_first_model_becomes_champion_and_is_logged_with_its_tags(registered):
+    first, metadata = registered["first"]
+    assert first["version"] == "1" and first["alias"] == "champion"
+    assert metadata["champion_before"].value == "none"
+    version = registry.client().get_model_version_by_alias(NAME, "champion")
+    assert str(version.version) == "1"
+    tags = version.tags
+    assert tags["promotion"] == "champion" and "no champion" in tags["promotion_reason"]
+    assert len(tags["git_commit"]) >= 7 and tags["data_snapshot"]
+    assert json.loads(tags["split"])["val_episodes"] == 2
+    assert float(tags["metric.direction_accuracy_first"]) == float(tags["metric.baseline_always_forward_direction_accuracy_first"])
+
+
+def test_a_worse_model_never_becomes_champion(env, registered):
+    second, metadata, evaluation = registered["second"]
+    assert second["alias"] == "challenger"
+    assert "baseline" in metadata["reason"].value
+    # The champion was re-evaluated on the current (larger) validation set, not read from its tags.
+    forward_now = evaluation["metrics"]["baselines"]["always_forward"]["first"]["direction_accuracy"]
+    assert metadata["champion_before_accuracy_on_current_val"].value == pytest.approx(forward_now)
+    champion_tag = float(registry.client().get_model_version(NAME, "1").tags["metric.direction_accuracy_first"])
+    assert forward_now != pytest.approx(champion_tag)
+    # Even with the baseline gate switched off, it cannot displace a better champion.
+    _, again, again_meta = _register(env, registered["untrained"], env["ids"][:2] + env["ids"][4:], min_margin=-1.0)
+    assert again["alias"] == "challenger" and again["version"] == second["version"]  # same weights, same version
+    assert "champion v1" in again_meta["reason"].value
+    client = registry.client()
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == second["version"]
+
+
+def test_load_policy_by_alias_streams_robot_units(env, registered):
+    policy = registry.load_policy(f"models:/{NAME}@champion")
+    assert str(policy.metadata["version"]) == "1"
+    frame = np.random.default_rng(0).integers(0, 256, (72, 128, 3), dtype=np.uint8)
+    policy.reset()
+    actions = policy.step(frame, "Navigate around the obstacle on the left side and reach the cup")
+    np.testing.assert_allclose(actions, [[1.15, 0.0]] * policy.config.chunk, rtol=1e-6)
+
+
+def test_pyfunc_predict_streams_encoded_frames(env, registered):
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    frames = np.random.default_rng(1).integers(0, 256, (4, 72, 128, 3), dtype=np.uint8)
+    rows = pd.DataFrame({
+        "image": [cv2.imencode(".png", f)[1].tobytes() for f in frames],
+        "instruction": ["Navigate around the obstacle on the right side and reach the cup"] * 4,
+        "episode_id": ["a", "a", "b", "b"],
+    })
+    out = model.predict(rows)
+    assert out.shape == (4, 2, 2)
+    np.testing.assert_allclose(out[:, 0], [[1.15, 0.0]] * 4, rtol=1e-6)
+
+
+def test_cli_model_and_predict(env, registered, capsys):
+    assert cli.main(["model", "--model-uri", f"models:/{NAME}@champion"]) == 0
+    shown = capsys.readouterr().out
+    assert "version 1" in shown and "always_forward" in shown
+    episode = env["paths"][0]
+    assert cli.main(["predict", "--model-uri", f"models:/{NAME}@champion", str(episode)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["frame"] for line in lines] == list(range(18))
+    assert lines[0]["actions"] == [[1.15, 0.0], [1.15, 0.0]] and lines[0]["direction"] == "F"
+    assert lines[1]["recorded"] == [1.15, 0.0]
+
+
+@pytest.mark.parametrize("uri, message", [
+    (f"models:/no-such-model@champion", "no registered model 'no-such-model'"),
+    (f"models:/{NAME}@gold", "has no alias 'gold' (aliases: @challenger → v2, @champion → v1)"),
+    (f"models:/{NAME}/99", "has no version 99"),
+    ("models:/", "expected models:/<name>@<alias>"),
+])
+def test_predict_names_an_unknown_model_or_alias(env, registered, capsys, uri, message):
+    assert cli.main(["predict", "--model-uri", uri, str(env["paths"][0])]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_predict_rejects_a_bad_file_before_loading_anything(env, registered, capsys, tmp_path):
+    broken = tmp_path / "episode_20250614_101502_1box_hori_left_core_medium.h5"
+    broken.write_bytes(b"not an hdf5 file at all")
+    assert cli.main(["predict", "--model-uri", f"models:/{NAME}@champion", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {broken}") and "HDF5" in err
+    assert cli.main(["predict", str(tmp_path / "missing.h5")]) == 2
+    assert "no such file" in capsys.readouterr().err

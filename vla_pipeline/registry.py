@@ -1,0 +1,227 @@
+"""The MLflow model registry: log a trained policy as a pyfunc model, gate its promotion, and
+load a policy back by registry URI (`models:/mobile-vla@champion`).
+
+The pyfunc model holds no pickled torch module: its only artifact is the policy directory
+(`policy_config.json`, `policy.safetensors`, `adapter/`, `action_stats.json`), rebuilt with
+`load_policy_dir`, i.e. the backbone through `from_pretrained` plus the saved adapter.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from .model import CONFIG_FILE, load_policy_dir, read_policy_config
+from .serving import StreamingPolicy
+from .tracking import tracking_uri
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+DEFAULT_MODEL_NAME = "mobile-vla"
+CHAMPION, CHALLENGER = "champion", "challenger"
+POLICY_ARTIFACT = "policy"
+GATE_METRIC = "direction_accuracy_first"  # the command actually sent: first step of the chunk
+_REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy", "opencv-python-headless",
+                 "pandas", "h5py", "zarr", "xxhash", "isal", "accelerate", "mlflow")
+
+
+class ModelLookupError(LookupError):
+    """A registry URI or directory that does not lead to a policy; the message says why."""
+
+
+class PolicyModel(mlflow.pyfunc.PythonModel):
+    """pyfunc model (logged from code by `pyfunc_entry.py`): rows of a DataFrame are consecutive frames, streamed through one policy.
+
+    Columns: `image` (an encoded PNG/JPEG frame, any size), `instruction` (str) and optional
+    `episode_id` (the stream resets whenever it changes). Returns (rows, chunk, 2) float32
+    actions in robot units.
+    """
+
+    def load_context(self, context) -> None:
+        self.streaming = StreamingPolicy(load_policy_dir(context.artifacts[POLICY_ARTIFACT]), colour_order="BGR")
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
+        import cv2
+
+        self.streaming.reset()
+        episodes = model_input["episode_id"] if "episode_id" in model_input else [None] * len(model_input)
+        out, current = [], object()
+        for image, instruction, episode in zip(model_input["image"], model_input["instruction"], episodes):
+            if episode != current:
+                self.streaming.reset()
+                current = episode
+            frame = cv2.imdecode(np.frombuffer(bytes(image), np.uint8), cv2.IMREAD_COLOR)  # BGR
+            if frame is None:
+                raise ValueError("image column: a value is not an encoded PNG/JPEG image")
+            out.append(self.streaming.step(frame, instruction))
+        return np.stack(out) if out else np.zeros((0, self.streaming.config.chunk, 2), np.float32)
+
+
+def _signature(chunk: int):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    inputs = Schema([ColSpec("binary", "image"), ColSpec("string", "instruction"),
+                     ColSpec("string", "episode_id", required=False)])
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("float32"), (-1, chunk, 2))]))
+
+
+def _requirements() -> list[str]:
+    pinned = []
+    for name in _REQUIREMENTS:
+        try:
+            pinned.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pinned.append(name)
+    return pinned
+
+
+def log_policy_model(policy_dir: Path | str, tags: dict | None = None):
+    """Log the policy as a pyfunc model in the active MLflow run; returns its ModelInfo."""
+    config = read_policy_config(policy_dir)
+    with warnings.catch_warnings():
+        # An input example would make MLflow load the whole policy while logging it.
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        return mlflow.pyfunc.log_model(
+            name=POLICY_ARTIFACT,
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+            artifacts={POLICY_ARTIFACT: str(policy_dir)},
+            signature=_signature(config.chunk),
+            # Listed, not inferred: inference would load the model in a subprocess.
+            pip_requirements=_requirements(),
+            tags=tags,
+        )
+
+
+# ---------------------------------------------------------------- promotion
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    alias: str  # CHAMPION or CHALLENGER
+    reason: str
+
+    @property
+    def promoted(self) -> bool:
+        return self.alias == CHAMPION
+
+
+def decide_promotion(
+    accuracy: float,
+    best_baseline: str,
+    baseline_accuracy: float,
+    min_margin: float,
+    champion_accuracy: float | None = None,
+    champion_version: str | None = None,
+) -> PromotionDecision:
+    """Champion only if the first-step direction accuracy beats the best constant baseline by
+    more than `min_margin` and is at least the current champion's on the same validation set."""
+    margin = accuracy - baseline_accuracy
+    if not margin > min_margin:
+        return PromotionDecision(CHALLENGER, (
+            f"direction accuracy {accuracy:.3f} beats the best constant baseline ({best_baseline}, "
+            f"{baseline_accuracy:.3f}) by {margin:+.3f}, not by more than the required {min_margin:+.3f}"))
+    if champion_accuracy is not None and accuracy < champion_accuracy:
+        return PromotionDecision(CHALLENGER, (
+            f"direction accuracy {accuracy:.3f} is below champion v{champion_version}'s {champion_accuracy:.3f} "
+            "on the same validation set"))
+    against = (f"; champion v{champion_version} scores {champion_accuracy:.3f} on the same validation set"
+               if champion_accuracy is not None else "; there was no champion")
+    return PromotionDecision(CHAMPION, (
+        f"direction accuracy {accuracy:.3f} beats the best constant baseline ({best_baseline}, "
+        f"{baseline_accuracy:.3f}) by {margin:+.3f}{against}"))
+
+
+# ---------------------------------------------------------------- lookup
+
+
+def client() -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri())
+    return MlflowClient()
+
+
+def version_by_alias(name: str, alias: str):
+    """The ModelVersion holding `alias`, or None (also when the model does not exist yet)."""
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def version_with_tag(name: str, key: str, value: str):
+    """The newest version of `name` whose tag `key` equals `value`, or None."""
+    try:
+        versions = client().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    matching = [v for v in versions if v.tags.get(key) == value]
+    return max(matching, key=lambda v: int(v.version)) if matching else None
+
+
+def resolve_version(uri: str):
+    """models:/<name>@<alias> or models:/<name>/<version> -> ModelVersion; ModelLookupError if unknown."""
+    reference = uri.removeprefix("models:/")
+    registry = client()
+    name, _, alias = reference.partition("@")
+    version = None if alias else reference.rpartition("/")[2]
+    if not alias:
+        name = reference.rpartition("/")[0]
+    if not name or (version is not None and not version.isdigit()):
+        raise ModelLookupError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    try:
+        registered = registry.get_registered_model(name)
+    except MlflowException as error:
+        known = sorted(m.name for m in registry.search_registered_models())
+        raise ModelLookupError(f"{uri}: no registered model {name!r} in {tracking_uri()} "
+                               f"(registered: {', '.join(known) or 'none'})") from error
+    if alias:
+        if alias not in registered.aliases:
+            have = ", ".join(f"@{a} → v{v}" for a, v in sorted(registered.aliases.items())) or "none"
+            raise ModelLookupError(f"{uri}: model {name!r} has no alias {alias!r} (aliases: {have})")
+        version = registered.aliases[alias]
+    try:
+        return registry.get_model_version(name, version)
+    except MlflowException as error:
+        raise ModelLookupError(f"{uri}: model {name!r} has no version {version}") from error
+
+
+def policy_dir_of(version, destination: Path | str | None = None) -> Path:
+    """Download a registered version's policy directory; returns its local path."""
+    destination = Path(destination or tempfile.mkdtemp(prefix=f"{version.name}-v{version.version}-"))
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(destination)))
+    found = [path.parent for path in local.rglob(CONFIG_FILE)]
+    if not found:
+        raise ModelLookupError(f"models:/{version.name}/{version.version}: no {CONFIG_FILE} in its artifacts")
+    return found[0]
+
+
+def load_policy(uri: str | Path, colour_order: str = "BGR", backbone: str | None = None, dtype=None) -> StreamingPolicy:
+    """A StreamingPolicy from a registry URI (`models:/mobile-vla@champion`) or a policy directory.
+
+    `backbone` overrides where the Kosmos-2 weights come from (a hub id or a local directory).
+    """
+    meta = {"uri": str(uri)}
+    if str(uri).startswith("models:/"):
+        version = resolve_version(str(uri))
+        directory = policy_dir_of(version)
+        meta.update(name=version.name, version=version.version, run_id=version.run_id, tags=dict(version.tags))
+    else:
+        directory = Path(uri)
+        if not (directory / CONFIG_FILE).is_file():
+            raise ModelLookupError(f"{directory}: not a policy directory (no {CONFIG_FILE}); "
+                                   "give a models:/<name>@<alias> URI or a lora_adapter output folder")
+    return StreamingPolicy(load_policy_dir(directory, backbone_override=backbone, dtype=dtype), colour_order, meta)
