@@ -1,4 +1,5 @@
-"""`vla-pipeline`: sample episodes, ingest a folder through Dagster, list episodes."""
+"""`vla-pipeline`: sample episodes, ingest a folder through Dagster, list episodes, and look up
+and run a registered policy."""
 
 from __future__ import annotations
 
@@ -142,6 +143,66 @@ def cmd_episodes(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from .episodes import EpisodeRejected, ValidationRules, inspect_episode
+    from .h5chunks import frame_blocks
+    from .metrics import DIRECTIONS, direction_classes
+
+    try:
+        if not args.episode.is_file():
+            raise EpisodeRejected(args.episode, "no such file")
+        header = inspect_episode(args.episode, ValidationRules(min_frames=1), digest="-")
+    except EpisodeRejected as error:
+        print(f"error: {args.episode}: {error.reason}", file=sys.stderr)
+        return 2
+    from .registry import ModelLookupError, load_policy
+
+    try:
+        policy = load_policy(args.model_uri)
+    except ModelLookupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    instruction = args.instruction or header.instruction
+    import h5py
+
+    policy.reset()
+    with h5py.File(header.path, "r") as h5:
+        for start, block in frame_blocks(h5[header.image_dataset], header.path):
+            for offset, frame in enumerate(block):
+                chunk = policy.step(frame, instruction, colour_order=header.colour_order)
+                frame_index = start + offset
+                print(json.dumps({
+                    "episode_id": header.episode_id,
+                    "frame": frame_index,
+                    "instruction": instruction,
+                    "actions": [[round(float(v), 4) for v in step] for step in chunk],
+                    "direction": DIRECTIONS[int(direction_classes(chunk[0], policy.config.action_scale))],
+                    "recorded": [round(float(v), 4) for v in header.actions[frame_index, :2]],
+                }), flush=True)
+    return 0
+
+
+def cmd_model(args) -> int:
+    from .registry import ModelLookupError, resolve_version
+
+    try:
+        version = resolve_version(args.model_uri)
+    except ModelLookupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    tags = version.tags
+    print(f"{args.model_uri} → {version.name} version {version.version} (training run {version.run_id}, "
+          f"data snapshot {tags.get('data_snapshot', '?')}, {tags.get('train_episodes', '?')} train / "
+          f"{tags.get('val_episodes', '?')} val episodes, commit {tags.get('git_commit', '?')[:12]})")
+    print(f"gate: @{tags.get('promotion', '?')}: {tags.get('promotion_reason', '')}")
+    for metric, label in (("direction_accuracy", "direction accuracy"), ("mse", "MSE")):
+        row = [f"model {tags.get(f'metric.{metric}_first', '?')}"]
+        row += [f"{key.removeprefix('metric.baseline_').removesuffix(f'_{metric}_first')} {tags[key]}"
+                for key in sorted(tags) if key.startswith("metric.baseline_") and key.endswith(f"_{metric}_first")]
+        print(f"{label} (first step, validation): " + " | ".join(row))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vla-pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +221,18 @@ def main(argv=None) -> int:
     episodes.add_argument("--json", action="store_true", help="one JSON object per line")
     episodes.add_argument("--folder", help="episode folder to look for pending files")
     episodes.set_defaults(run=cmd_episodes)
+
+    champion = "models:/mobile-vla@champion"
+    predict = commands.add_parser("predict", help="run a registered policy over an episode file, one JSON line per frame")
+    predict.add_argument("episode", type=Path, help="episode .h5 file in the collector's layout")
+    predict.add_argument("--model-uri", default=champion, help=f"models:/<name>@<alias>, models:/<name>/<version> "
+                         f"or a policy directory (default {champion})")
+    predict.add_argument("--instruction", help="instruction text (default: the episode's own)")
+    predict.set_defaults(run=cmd_predict)
+
+    model = commands.add_parser("model", help="show a registered policy: version, gate decision, metrics vs baselines")
+    model.add_argument("--model-uri", default=champion)
+    model.set_defaults(run=cmd_model)
 
     args = parser.parse_args(argv)
     try:
