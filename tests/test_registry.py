@@ -19,6 +19,7 @@ from vla_pipeline import cli, registry
 from vla_pipeline.ingest import ingest_episodes
 from vla_pipeline.model import build_policy, save_policy
 from vla_pipeline.policy_config import PolicyConfig
+from vla_pipeline.tracking import RUN_ID_FILE, experiment_id
 from vla_pipeline.train import ACTION_STATS_FILE
 
 NAME = "mobile-vla-test"
@@ -26,7 +27,8 @@ NAME = "mobile-vla-test"
 
 def test_gate_needs_a_margin_over_the_best_baseline():
     decision = registry.decide_promotion(0.60, "always_forward", 0.58, min_margin=0.05)
-    assert decision.alias == "challenger" and "always_forward" in decision.reason and "+0.020" in decision.reason
+    assert decision.alias == "challenger" and "always_forward 0.580" in decision.reason
+    assert "margin +0.020, required more than +0.050: not met" in decision.reason
     assert registry.decide_promotion(0.70, "always_forward", 0.58, min_margin=0.05).promoted
     assert not registry.decide_promotion(0.58, "always_forward", 0.58, min_margin=0.0).promoted  # a tie is no win
 
@@ -66,6 +68,8 @@ def _policy_dir(env, name, tiny_backbone_path, constant=None):
         set_constant_output(policy, *constant)
     directory = save_policy(policy, env["root"] / name / "policy")
     (directory / ACTION_STATS_FILE).write_text(json.dumps({"mean": [0.8, 0.0]}))
+    with mlflow.start_run(experiment_id=experiment_id()) as run:  # as lora_adapter records it
+        (directory.parent / RUN_ID_FILE).write_text(run.info.run_id)
     return str(directory)
 
 
@@ -86,6 +90,7 @@ def _register(env, policy_dir, val_ids, min_margin):
         run_config={"ops": {"registered_model": {"config": {"model_name": NAME, "min_accuracy_margin": min_margin}}}},
     )
     assert result.success
+    env.setdefault("evaluation_metadata", []).append(result.asset_materializations_for_node("evaluation_metrics")[0].metadata)
     return (result.output_for_node("evaluation_metrics"), result.output_for_node("registered_model"),
             result.asset_materializations_for_node("registered_model")[0].metadata)
 
@@ -114,10 +119,26 @@ def test_first_model_becomes_champion_and_is_logged_with_its_tags(registered):
     assert float(tags["metric.direction_accuracy_first"]) == float(tags["metric.baseline_always_forward_direction_accuracy_first"])
 
 
+def test_evaluation_is_shown_in_the_ui_and_logged_to_the_training_run(env, registered):
+    metadata = env["evaluation_metadata"][0]
+    assert "| baseline: always_forward |" in metadata["model_vs_baselines"].value
+    assert "| true \\ predicted | STOP | F |" in metadata["direction_classes"].value
+    for plot in ("predictions_plot", "confusion_plot"):
+        assert metadata[plot].value.startswith("![") and "(data:image/png;base64,iVBOR" in metadata[plot].value
+    version = registry.client().get_model_version(NAME, "1")
+    run = mlflow.get_run(version.run_id)  # the training run holds the evaluation and the model
+    tagged = float(version.tags["metric.direction_accuracy_first"])
+    assert run.data.metrics["eval_direction_accuracy_first"] == pytest.approx(tagged, abs=1e-4)
+    assert "eval_baseline_always_forward_direction_accuracy_first" in run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/report.md", "evaluation/metrics.json", "evaluation/confusion.png",
+            "evaluation/predictions.png"} <= artifacts
+
+
 def test_a_worse_model_never_becomes_champion(env, registered):
     second, metadata, evaluation = registered["second"]
     assert second["alias"] == "challenger"
-    assert "baseline" in metadata["reason"].value
+    assert metadata["reason"].value.endswith("required more than +0.050: not met")
     # The champion was re-evaluated on the current (larger) validation set, not read from its tags.
     forward_now = evaluation["metrics"]["baselines"]["always_forward"]["first"]["direction_accuracy"]
     assert metadata["champion_before_accuracy_on_current_val"].value == pytest.approx(forward_now)
@@ -126,7 +147,7 @@ def test_a_worse_model_never_becomes_champion(env, registered):
     # Even with the baseline gate switched off, it cannot displace a better champion.
     _, again, again_meta = _register(env, registered["untrained"], env["ids"][:2] + env["ids"][4:], min_margin=-1.0)
     assert again["alias"] == "challenger" and again["version"] == second["version"]  # same weights, same version
-    assert "champion v1" in again_meta["reason"].value
+    assert "met; but below champion v1's" in again_meta["reason"].value
     client = registry.client()
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == second["version"]

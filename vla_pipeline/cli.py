@@ -155,8 +155,11 @@ def cmd_predict(args) -> int:
     except EpisodeRejected as error:
         print(f"error: {args.episode}: {error.reason}", file=sys.stderr)
         return 2
+    from transformers.utils import logging as transformers_logging
+
     from .registry import ModelLookupError, load_policy
 
+    transformers_logging.disable_progress_bar()  # stdout is JSON lines; keep stderr for errors
     try:
         policy = load_policy(args.model_uri)
     except ModelLookupError as error:

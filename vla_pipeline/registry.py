@@ -128,19 +128,18 @@ def decide_promotion(
     """Champion only if the first-step direction accuracy beats the best constant baseline by
     more than `min_margin` and is at least the current champion's on the same validation set."""
     margin = accuracy - baseline_accuracy
+    against_baseline = (f"first-step direction accuracy {accuracy:.3f}, best constant baseline {best_baseline} "
+                        f"{baseline_accuracy:.3f}: margin {margin:+.3f}, required more than {min_margin:+.3f}")
     if not margin > min_margin:
-        return PromotionDecision(CHALLENGER, (
-            f"direction accuracy {accuracy:.3f} beats the best constant baseline ({best_baseline}, "
-            f"{baseline_accuracy:.3f}) by {margin:+.3f}, not by more than the required {min_margin:+.3f}"))
+        return PromotionDecision(CHALLENGER, f"{against_baseline}: not met")
     if champion_accuracy is not None and accuracy < champion_accuracy:
         return PromotionDecision(CHALLENGER, (
-            f"direction accuracy {accuracy:.3f} is below champion v{champion_version}'s {champion_accuracy:.3f} "
+            f"{against_baseline}: met; but below champion v{champion_version}'s {champion_accuracy:.3f} "
             "on the same validation set"))
-    against = (f"; champion v{champion_version} scores {champion_accuracy:.3f} on the same validation set"
-               if champion_accuracy is not None else "; there was no champion")
+    if champion_accuracy is None:
+        return PromotionDecision(CHAMPION, f"{against_baseline}: met; there was no champion")
     return PromotionDecision(CHAMPION, (
-        f"direction accuracy {accuracy:.3f} beats the best constant baseline ({best_baseline}, "
-        f"{baseline_accuracy:.3f}) by {margin:+.3f}{against}"))
+        f"{against_baseline}: met; champion v{champion_version} scores {champion_accuracy:.3f} on the same validation set"))
 
 
 # ---------------------------------------------------------------- lookup
