@@ -1,0 +1,179 @@
+"""Serving latency: one streaming step vs a whole-window recompute, for the tiny and the full-size policy.
+
+    .venv/bin/python benchmarks/inference.py [--steps 30 --repeats 30] [--full-steps 5 --full-repeats 3]
+    .venv/bin/python benchmarks/inference.py --skip-full        (only the tiny case)
+
+Each case runs in its own subprocess (`--case tiny|full`), so its peak RSS (ru_maxrss) is its own:
+  recompute   policy.predict on one full window (B=1, W=window): the backbone encodes all W frames
+  streaming   StreamingPolicy(colour_order="RGB").step, after `window` warm-up steps have filled the
+              window: the backbone encodes the new frame only; cached features for the rest
+              target <= 0.2x recompute, ideal 1/window
+Both paths get the same random 224x224 RGB uint8 frames (so model_frame's resize is a same-size copy);
+streaming steps and predict calls alternate, so both see the same load, and the median of each
+(time.perf_counter) is reported; the warm-up steps also warm the backbone for predict. The last streaming step's actions must equal
+policy.predict on the same window (max |diff| <= 1e-4 tiny fp32, <= --bf16-tol full bf16): exit code 1 if not.
+  tiny  PolicyConfig.tiny() (window 3, chunk 2), fp32
+  full  Kosmos2Model(Kosmos2Config()), the microsoft/kosmos-2-patch14-224 architecture with random bf16
+        weights, saved by a child process and loaded by build_policy as `train_throughput.py --full` does;
+        the default PolicyConfig (window 8, chunk 10, LoRA r32 all-linear, LSTM 512x4)
+Torch uses one thread per core (--threads). Each timing waits up to --quiet-wait s for a quiet CPU and is marked
+"busy" if other processes competed (the check of benchmarks/ingest.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vla_pipeline.model import build_policy
+from vla_pipeline.policy_config import PolicyConfig
+from vla_pipeline.serving import StreamingPolicy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ingest import OUT  # noqa: E402  (benchmarks/ingest.py)
+from train_throughput import INSTRUCTION, _save_random_kosmos, measured  # noqa: E402
+
+TOLERANCE = {"tiny": 1e-4}
+
+
+def full_policy():
+    scratch = Path(tempfile.mkdtemp(prefix="kosmos2-random-", dir=OUT))
+    try:
+        started = time.perf_counter()
+        child = multiprocessing.get_context("spawn").Process(target=_save_random_kosmos, args=(str(scratch),))
+        child.start()  # in a child process, so that its memory is not this process's peak
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"building the random Kosmos-2 failed (exit code {child.exitcode})")
+        print(f"  random Kosmos-2 built and saved by a child process in {time.perf_counter() - started:.0f} s",
+              flush=True)
+        return build_policy(PolicyConfig(backbone=str(scratch), preset="full"), dtype=torch.bfloat16)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def interleaved(stream, new_frames, predict, steps: int, repeats: int):
+    """(streaming step seconds, recompute seconds, last actions of each): one of each in turn, so that both
+    see the same load. The first predict call is timed too (its median absorbs it)."""
+    stream_s, recompute_s, last = [], [], [None, None]
+    for i in range(max(steps, repeats)):
+        if i < steps:
+            started = time.perf_counter()
+            last[0] = stream.step(new_frames[i], INSTRUCTION)
+            stream_s.append(time.perf_counter() - started)
+        if i < repeats:
+            started = time.perf_counter()
+            last[1] = predict()
+            recompute_s.append(time.perf_counter() - started)
+    return stream_s, recompute_s, last
+
+
+def run_case(args) -> dict:
+    torch.set_num_threads(args.threads)
+    steps, repeats = (args.full_steps, args.full_repeats) if args.case == "full" else (args.steps, args.repeats)
+    started = time.perf_counter()
+    policy = full_policy() if args.case == "full" else build_policy(PolicyConfig.tiny())
+    config, dtype = policy.config, next(policy.kosmos.parameters()).dtype
+    print(f"[{args.case}] window {config.window}, chunk {config.chunk}, {str(dtype).removeprefix('torch.')}, "
+          f"{torch.get_num_threads()} torch threads; built in {time.perf_counter() - started:.0f} s", flush=True)
+    window = config.window
+    frames = np.random.default_rng(0).integers(0, 256, (window + steps, 224, 224, 3), dtype=np.uint8)
+    stream = StreamingPolicy(policy, colour_order="RGB")
+    stream.reset()
+    for frame in frames[:window]:
+        stream.step(frame, INSTRUCTION)
+    images = torch.from_numpy(frames[-window:].copy())[None]
+    recompute = lambda: policy.predict(images, [INSTRUCTION])[0].float().numpy()  # noqa: E731
+    (stream_s, recompute_s, (last, reference)), busy = measured(
+        lambda: interleaved(stream, frames[window:], recompute, steps, repeats), args.quiet_wait)
+    assert stream.frames_in_window == window
+    for name, times in [("streaming steps", stream_s), ("recompute predict calls", recompute_s)]:
+        print(f"  {len(times)} {name}: {', '.join(f'{t * 1e3:.1f}' for t in times)} ms", flush=True)
+    diff = float(np.abs(last - reference).max())
+    tolerance = TOLERANCE.get(args.case, args.bf16_tol)
+    print(f"  last streaming step vs predict on the same window: max |diff| {diff:.2e} "
+          f"(tolerance {tolerance:.0e}) {'ok' if diff <= tolerance else 'MISMATCH'}", flush=True)
+    return {"case": args.case, "window": window, "chunk": config.chunk, "dtype": str(dtype).removeprefix("torch."),
+            "steps": steps, "repeats": repeats, "recompute_ms": float(np.median(recompute_s)) * 1e3,
+            "streaming_ms": float(np.median(stream_s)) * 1e3, "max_abs_diff": diff, "tolerance": tolerance,
+            "match": diff <= tolerance, "busy": busy,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # KiB on Linux
+
+
+def size(nbytes: int) -> str:
+    return f"{nbytes / 1024**3:.2f} GiB" if nbytes >= 1024**3 else f"{nbytes / 1024**2:.0f} MiB"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="tiny: timed streaming steps (default 30)")
+    parser.add_argument("--repeats", type=int, default=30, help="tiny: timed predict calls (default 30)")
+    parser.add_argument("--full-steps", type=int, default=5, help="full: timed streaming steps (default 5)")
+    parser.add_argument("--full-repeats", type=int, default=3, help="full: timed predict calls (default 3)")
+    parser.add_argument("--bf16-tol", type=float, default=2e-2, help="full: max |diff| of the actions (2e-2)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cores)")
+    parser.add_argument("--skip-full", action="store_true", help="only the tiny case")
+    parser.add_argument("--quiet-wait", type=float, default=30, help="max s to wait for a quiet CPU (30)")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument("--case", choices=["tiny", "full"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.case:
+        args.result.write_text(json.dumps(run_case(args)))
+        return 0
+
+    started = time.perf_counter()
+    print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({args.threads} torch threads in each case); "
+          f"input 224x224 RGB uint8 frames to both paths", flush=True)
+    rows, failed = [], []
+    for case in ["tiny"] + ([] if args.skip_full else ["full"]):
+        with tempfile.TemporaryDirectory(dir=OUT) as scratch:
+            result = Path(scratch) / "result.json"
+            child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--case", case, "--result", str(result)])
+            if child.returncode != 0 or not result.is_file():
+                failed.append(f"{case}: the subprocess exited {child.returncode}")
+                continue
+            rows.append(json.loads(result.read_text()))
+
+    print("\n| case | window | recompute ms/step | streaming ms/step | ratio | ideal 1/W | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        row["ratio"] = row["streaming_ms"] / row["recompute_ms"]
+        name = f"{row['case']} ({row['dtype']})" + (" (busy)" if row["busy"] else "")
+        print(f"| {name} | {row['window']} | {row['recompute_ms']:.1f} | {row['streaming_ms']:.1f} | "
+              f"{row['ratio']:.3f}x | {1 / row['window']:.3f}x | {size(row['peak_rss_bytes'])} |")
+    print("median of the repeats; target <= 0.2x (the tiny preset's window 3 allows at best 0.33x)")
+    for row in rows:
+        print(f"{row['case']}: streaming vs predict, max |diff| {row['max_abs_diff']:.2e} "
+              f"(<= {row['tolerance']:.0e}): {'ok' if row['match'] else 'MISMATCH'}; "
+              f"{row['steps']} streaming steps, {row['repeats']} predict calls"
+              + (f"; busy: {', '.join(row['busy'])}" if row["busy"] else ""))
+    failed += [f"{row['case']}: streaming actions differ from predict ({row['max_abs_diff']:.2e})"
+               for row in rows if not row["match"]]
+    print(f"wall time {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+        print(f"figures written to {args.json}")
+    for failure in failed:
+        print(f"ERROR {failure}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
