@@ -30,7 +30,16 @@ def _markdown_counts(summary: dict, key: str) -> str:
     return "\n".join([f"| {key[:-1]} | train | val |", "| --- | ---: | ---: |", *rows])
 
 
-@dg.asset(group_name="training", deps=[episode_windows], kinds={"json"})
+# Re-split whenever episodes are stored, and when the split is missing. Unlike eager(), an
+# episode partition that is missing (its run failed, or it is still queued) holds nothing back.
+SPLIT_AUTOMATION = (
+    (dg.AutomationCondition.missing() | dg.AutomationCondition.any_deps_updated()).since_last_handled()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("on new episodes")
+
+
+@dg.asset(group_name="training", deps=[episode_windows], kinds={"json"}, automation_condition=SPLIT_AUTOMATION)
 def train_val_split(context: dg.AssetExecutionContext, config: SplitConfig, window_store: WindowStoreResource):
     """Train/val split by episode: stratified by side and scenario, and stable — an episode
     never changes sides as episodes are added. Rejected episodes are excluded and listed.
@@ -156,6 +165,8 @@ def lora_adapter(
             "policy_dir": dg.MetadataValue.path(str((output_dir / "policy").resolve())),
             "mlflow_run": dg.MetadataValue.url(run_link(run.info.run_id, experiment)),
             "mlflow_run_id": run.info.run_id,
+            # What the retraining schedule compares the store with.
+            "episode_hashes": dg.MetadataValue.json(hashes),
             **snapshot,
         },
     )

@@ -21,6 +21,7 @@ class EpisodeFolder(dg.ConfigurableResource):
     """The drop folder of raw HDF5 episodes (VLA_EPISODES_DIR)."""
 
     path: str = "data/episodes"
+    settle_seconds: float = 2.0  # a file must keep its size and mtime this long to count as complete
 
     def file_for(self, episode_id: str) -> Path:
         return Path(self.path) / f"{episode_id}.h5"

@@ -9,22 +9,20 @@ from collections.abc import Callable, Sequence
 
 import dagster as dg
 
+from assets.automation import (
+    automation_sensor, contiguous_ranges, ingest_job, new_episodes_sensor, retrain_job, retrain_schedule,
+)
 from assets.evaluation import evaluation_metrics, registered_model
 from assets.episodes import episode_partitions, episode_windows, raw_episode
 from assets.training import lora_adapter, train_val_split
 from resources import ComputeResource, EpisodeFolder, WindowStoreResource
 from resources.storage import env_or
 
-ingest_job = dg.define_asset_job(
-    "ingest_job",
-    selection=[raw_episode, episode_windows],
-    partitions_def=episode_partitions,
-    description="Validate episode files and write them into the window store.",
-)
-
 defs = dg.Definitions(
     assets=[raw_episode, episode_windows, train_val_split, lora_adapter, evaluation_metrics, registered_model],
-    jobs=[ingest_job],
+    jobs=[ingest_job, retrain_job],
+    sensors=[new_episodes_sensor, automation_sensor],
+    schedules=[retrain_schedule],
     resources={
         "episode_folder": EpisodeFolder(path=env_or("VLA_EPISODES_DIR", "data/episodes")),
         "window_store": WindowStoreResource(path=env_or("VLA_STORE", "data/store.zarr")),
@@ -36,19 +34,6 @@ defs = dg.Definitions(
 def resource(name: str):
     """A configured resource of the code location (EnvVars resolved), for use outside a run."""
     return defs.resources[name].process_config_and_initialize()
-
-
-def contiguous_ranges(selected: Sequence[str], ordered: Sequence[str]) -> list[tuple[str, str]]:
-    """Split `selected` keys into runs of neighbours in partition order."""
-    position = {key: index for index, key in enumerate(ordered)}
-    indices = sorted(position[key] for key in selected)
-    ranges: list[tuple[str, str]] = []
-    for index in indices:
-        if ranges and position[ranges[-1][1]] == index - 1:
-            ranges[-1] = (ranges[-1][0], ordered[index])
-        else:
-            ranges.append((ordered[index], ordered[index]))
-    return ranges
 
 
 def ingest_partitions(

@@ -1,0 +1,118 @@
+"""The pipeline runs itself: jobs, the drop-folder sensor, the split's declarative automation
+sensor, and the retraining schedule."""
+
+import hashlib
+import os
+from collections.abc import Sequence
+
+import dagster as dg
+
+from assets.episodes import episode_partitions, episode_windows, raw_episode
+from assets.evaluation import evaluation_metrics, registered_model
+from assets.training import lora_adapter, train_val_split
+from resources import EpisodeFolder, WindowStoreResource
+from vla_pipeline.ingest import is_up_to_date
+from vla_pipeline.retraining import retrain_decision, stored_episodes
+from vla_pipeline.watch import FolderState, scan_folder
+
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
+ingest_job = dg.define_asset_job(
+    "ingest_job",
+    selection=[raw_episode, episode_windows],
+    partitions_def=episode_partitions,
+    description="Validate episode files and write them into the window store.",
+)
+
+retrain_job = dg.define_asset_job(
+    "retrain_job",
+    selection=[train_val_split, lora_adapter, evaluation_metrics, registered_model],
+    description="Split the stored episodes, train the policy, evaluate it and register it behind the gate.",
+)
+
+
+def contiguous_ranges(selected: Sequence[str], ordered: Sequence[str]) -> list[tuple[str, str]]:
+    """Split `selected` keys into runs of neighbours in partition order."""
+    position = {key: index for index, key in enumerate(ordered)}
+    indices = sorted(position[key] for key in selected)
+    ranges: list[tuple[str, str]] = []
+    for index in indices:
+        if ranges and position[ranges[-1][1]] == index - 1:
+            ranges[-1] = (ranges[-1][0], ordered[index])
+        else:
+            ranges.append((ordered[index], ordered[index]))
+    return ranges
+
+
+@dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+def new_episodes_sensor(context: dg.SensorEvaluationContext, episode_folder: EpisodeFolder,
+                        window_store: WindowStoreResource):
+    """Watches the drop folder (VLA_EPISODES_DIR): adds a partition per new episode file and
+    ingests new and replaced files once they stop changing, in one run per contiguous batch.
+    Files still being written wait; deleted files are reported."""
+    try:
+        scan = scan_folder(episode_folder.path, FolderState.from_json(context.cursor), episode_folder.settle_seconds)
+    except FileNotFoundError as error:
+        return dg.SkipReason(str(error))
+    store = window_store.open()
+    due = [path.stem for path in scan.due if not is_up_to_date(store, path, window_store.rules)]
+    known = context.instance.get_dynamic_partitions(episode_partitions.name)
+    new = [key for key in due if key not in set(known)]
+    ordered = list(known) + new
+    fingerprint = hashlib.sha256(scan.state.to_json().encode()).hexdigest()[:12]
+    runs = [
+        dg.RunRequest(run_key=f"{first}..{last}@{fingerprint}", tags={RANGE_START: first, RANGE_END: last})
+        for first, last in contiguous_ranges(due, ordered)
+    ]
+    events = [
+        dg.AssetObservation(asset_key=raw_episode.key, partition=stem,
+                            metadata={"status": "source file deleted", "source_file": f"{episode_folder.path}/{stem}.h5"})
+        for stem in scan.deleted if stem in set(known)
+    ]
+    for stem in scan.deleted:
+        context.log.warning(f"{stem}.h5 was deleted from {episode_folder.path}; its stored copy is kept")
+    context.log.info(f"{episode_folder.path}: {scan.summary()}; {len(due)} to ingest ({len(new)} new partitions)")
+    return dg.SensorResult(
+        run_requests=runs,
+        dynamic_partitions_requests=[episode_partitions.build_add_request(new)] if new else [],
+        asset_events=events,
+        cursor=scan.state.to_json(),
+        skip_reason=None if runs else f"nothing to ingest: {scan.summary()}",
+    )
+
+
+# Dagster ships its automation sensor stopped; this one runs from the start and keeps the split
+# in step with the store (train_val_split is AutomationCondition.eager()).
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "automation_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+)
+
+RETRAIN_CRON = os.environ.get("VLA_RETRAIN_CRON") or "0 2 * * *"  # nightly, 02:00 UTC
+RETRAIN_MIN_CHANGED = int(os.environ.get("VLA_RETRAIN_MIN_EPISODES") or 1)
+
+
+def last_trained_episodes(instance: dg.DagsterInstance) -> dict[str, str] | None:
+    """episode_id -> content hash that the latest lora_adapter materialization trained on."""
+    event = instance.get_latest_materialization_event(lora_adapter.key)
+    if event is None or event.asset_materialization is None:
+        return None
+    recorded = event.asset_materialization.metadata.get("episode_hashes")
+    return dict(recorded.value) if recorded is not None else None
+
+
+@dg.schedule(cron_schedule=RETRAIN_CRON, job=retrain_job, execution_timezone="UTC",
+             default_status=dg.DefaultScheduleStatus.RUNNING)
+def retrain_schedule(context: dg.ScheduleEvaluationContext, window_store: WindowStoreResource):
+    """Retrains (split → lora_adapter → evaluation_metrics → registered_model) on the cron
+    (VLA_RETRAIN_CRON, default nightly) only when at least VLA_RETRAIN_MIN_EPISODES (default 1)
+    stored episodes are new, changed or removed since the last training; otherwise the tick
+    is skipped with the reason."""
+    decision = retrain_decision(stored_episodes(window_store.open()), last_trained_episodes(context.instance),
+                                RETRAIN_MIN_CHANGED)
+    if not decision.retrain:
+        return dg.SkipReason(decision.reason)
+    return dg.RunRequest(run_key=f"retrain@{context.scheduled_execution_time.isoformat()}",
+                         tags={"retrain_reason": decision.reason[:200]})

@@ -1,0 +1,81 @@
+"""What changed in the episode drop folder since the last look, without reading any file.
+
+Each look records every episode file's (size, mtime_ns). A file is *ready* once it shows the
+same size and modification time on two consecutive looks and is at least `settle_seconds`
+old — a file the collector or a copy is still writing keeps changing and waits. Only `*.h5`
+names count (`episode_files`), so `*.h5.part`, `*.tmp` and hidden files are never picked up.
+A ready file is *due* when its stat differs from the one it had when it was last handed to
+ingest (new or replaced content); files that were present before and are gone are *deleted*.
+
+The state is plain JSON, so a Dagster sensor can keep it as its cursor.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .ingest import episode_files
+
+DEFAULT_SETTLE_SECONDS = 2.0
+
+
+@dataclass
+class FolderState:
+    seen: dict[str, list[int]] = field(default_factory=dict)  # stem -> [size, mtime_ns] at the last look
+    handed: dict[str, list[int]] = field(default_factory=dict)  # stem -> [size, mtime_ns] when sent to ingest
+
+    def to_json(self) -> str:
+        return json.dumps({"seen": self.seen, "handed": self.handed}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> FolderState:
+        if not text:
+            return cls()
+        data = json.loads(text)
+        return cls(seen=dict(data.get("seen", {})), handed=dict(data.get("handed", {})))
+
+
+@dataclass
+class FolderScan:
+    due: list[Path]  # complete files, new or changed since they were last handed to ingest
+    waiting: list[str]  # files still changing (or too fresh) to be taken
+    deleted: list[str]  # handed to ingest before, now gone from the folder
+    state: FolderState  # the next state: commit it once `due` has been requested
+
+    def summary(self) -> str:
+        parts = [f"{len(self.due)} ready"]
+        if self.waiting:
+            parts.append(f"{len(self.waiting)} still being written ({', '.join(self.waiting[:3])})")
+        if self.deleted:
+            parts.append(f"{len(self.deleted)} deleted ({', '.join(self.deleted[:3])})")
+        return ", ".join(parts)
+
+
+def scan_folder(folder: Path | str, state: FolderState, settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+                now: float | None = None) -> FolderScan:
+    """Compare the folder with `state`; returns what to ingest and the state to keep."""
+    now = time.time() if now is None else now
+    seen, handed = {}, dict(state.handed)
+    due, waiting = [], []
+    for path in episode_files(folder):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # removed while we looked
+            continue
+        current = [stat.st_size, stat.st_mtime_ns]
+        seen[path.stem] = current
+        stable = state.seen.get(path.stem) == current and now - stat.st_mtime_ns / 1e9 >= settle_seconds
+        if handed.get(path.stem) == current:
+            continue
+        if stable:
+            due.append(path)
+            handed[path.stem] = current
+        else:
+            waiting.append(path.stem)
+    deleted = sorted(stem for stem in state.handed if stem not in seen)
+    for stem in deleted:
+        handed.pop(stem)
+    return FolderScan(due, waiting, deleted, FolderState(seen, handed))
