@@ -30,10 +30,10 @@ def _markdown_counts(summary: dict, key: str) -> str:
     return "\n".join([f"| {key[:-1]} | train | val |", "| --- | ---: | ---: |", *rows])
 
 
-# Re-split whenever episodes are stored, and when the split is missing. Unlike eager(), an
-# episode partition that is missing (its run failed, or it is still queued) holds nothing back.
+# Re-split whenever episodes were stored. Unlike eager(), an episode partition that is missing
+# (its run failed, or it is still queued) holds nothing back.
 SPLIT_AUTOMATION = (
-    (dg.AutomationCondition.missing() | dg.AutomationCondition.any_deps_updated()).since_last_handled()
+    dg.AutomationCondition.any_deps_updated().since_last_handled()
     & ~dg.AutomationCondition.any_deps_in_progress()
     & ~dg.AutomationCondition.in_progress()
 ).with_label("on new episodes")
