@@ -90,7 +90,12 @@ class WindowStore:
         return zarr.open_group(self.episodes_dir / episode_id, mode="r")
 
     def episode_attrs(self, episode_id: str) -> dict | None:
-        return dict(self.open_episode(episode_id).attrs) if self.has_episode(episode_id) else None
+        """The episode group's attributes, read from its zarr.json (Zarr v3 group metadata)
+        directly: ~30× faster than opening the group, and the split reads every episode's."""
+        try:
+            return json.loads((self.episodes_dir / episode_id / "zarr.json").read_text())["attributes"]
+        except FileNotFoundError:
+            return None
 
     def quarantine_record(self, episode_id: str) -> dict | None:
         path = self.quarantine_dir / f"{episode_id}.json"
