@@ -53,8 +53,9 @@ class Pipeline:
 
     def sensor_tick(self) -> dg.SensorResult:
         """One sensor evaluation, then what the daemon would do with it: add partitions, run."""
-        context = dg.build_sensor_context(instance=self.instance, cursor=self.cursor, resources=self.resources)
-        result = new_episodes_sensor(context)
+        # As context managers: they set and, on exit, reset Dagster's current-instance state.
+        with dg.build_sensor_context(instance=self.instance, cursor=self.cursor, resources=self.resources) as context:
+            result = new_episodes_sensor(context)
         if isinstance(result, dg.SkipReason):
             return result
         self.cursor = result.cursor
@@ -78,9 +79,9 @@ class Pipeline:
         return requested
 
     def schedule_tick(self):
-        context = dg.build_schedule_context(instance=self.instance, resources=self.resources,
-                                            scheduled_execution_time=datetime.now(timezone.utc))
-        return retrain_schedule(context)
+        with dg.build_schedule_context(instance=self.instance, resources=self.resources,
+                                       scheduled_execution_time=datetime.now(timezone.utc)) as context:
+            return retrain_schedule(context)
 
     def trained_now(self) -> None:
         """Record a lora_adapter materialization over the store's current episodes (as training would)."""
