@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import resource
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,25 +42,9 @@ from vla_pipeline.serving import StreamingPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import OUT  # noqa: E402  (benchmarks/ingest.py)
-from train_throughput import INSTRUCTION, _save_random_kosmos, measured  # noqa: E402
+from train_throughput import INSTRUCTION, measured, random_full_policy  # noqa: E402
 
 TOLERANCE = {"tiny": 1e-4}
-
-
-def full_policy():
-    scratch = Path(tempfile.mkdtemp(prefix="kosmos2-random-", dir=OUT))
-    try:
-        started = time.perf_counter()
-        child = multiprocessing.get_context("spawn").Process(target=_save_random_kosmos, args=(str(scratch),))
-        child.start()  # in a child process, so that its memory is not this process's peak
-        child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"building the random Kosmos-2 failed (exit code {child.exitcode})")
-        print(f"  random Kosmos-2 built and saved by a child process in {time.perf_counter() - started:.0f} s",
-              flush=True)
-        return build_policy(PolicyConfig(backbone=str(scratch), preset="full"), dtype=torch.bfloat16)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def interleaved(stream, new_frames, predict, steps: int, repeats: int):
@@ -85,7 +67,7 @@ def run_case(args) -> dict:
     torch.set_num_threads(args.threads)
     steps, repeats = (args.full_steps, args.full_repeats) if args.case == "full" else (args.steps, args.repeats)
     started = time.perf_counter()
-    policy = full_policy() if args.case == "full" else build_policy(PolicyConfig.tiny())
+    policy = random_full_policy()[0] if args.case == "full" else build_policy(PolicyConfig.tiny())
     config, dtype = policy.config, next(policy.kosmos.parameters()).dtype
     print(f"[{args.case}] window {config.window}, chunk {config.chunk}, {str(dtype).removeprefix('torch.')}, "
           f"{torch.get_num_threads()} torch threads; built in {time.perf_counter() - started:.0f} s", flush=True)

@@ -153,25 +153,31 @@ def _save_random_kosmos(directory: str) -> None:
     build_tiny_backbone()[1].save_pretrained(directory)
 
 
-def bench_full(args) -> dict:
-    window, chunk = args.full_window, 10
-    print(f"[3] full size: Kosmos2Config() defaults, random bf16 weights, LoRA r32 all-linear, window {window}, "
-          f"chunk {chunk}, batch 1, {args.full_steps} steps on random frames", flush=True)
+def random_full_policy(**config) -> tuple:
+    """(policy, load seconds): the full-size architecture with random bf16 weights, built and
+    saved by a child process (so its memory is not this process's peak), then loaded through
+    build_policy like any local checkpoint. `config` overrides PolicyConfig fields."""
     scratch = Path(tempfile.mkdtemp(prefix="kosmos2-random-", dir=OUT))
     try:
         started = time.perf_counter()
         child = multiprocessing.get_context("spawn").Process(target=_save_random_kosmos, args=(str(scratch),))
-        child.start()  # in a child process, so that its memory is not this process's peak
+        child.start()
         child.join()
         if child.exitcode != 0:
             raise RuntimeError(f"building the random Kosmos-2 failed (exit code {child.exitcode})")
         print(f"  built and saved by a child process in {time.perf_counter() - started:.0f} s", flush=True)
         started = time.perf_counter()
-        policy = build_policy(PolicyConfig(backbone=str(scratch), preset="full", window=window, chunk=chunk),
-                              dtype=torch.bfloat16)
-        load_s = time.perf_counter() - started
+        policy = build_policy(PolicyConfig(backbone=str(scratch), preset="full", **config), dtype=torch.bfloat16)
+        return policy, time.perf_counter() - started
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def bench_full(args) -> dict:
+    window, chunk = args.full_window, 10
+    print(f"[3] full size: Kosmos2Config() defaults, random bf16 weights, LoRA r32 all-linear, window {window}, "
+          f"chunk {chunk}, batch 1, {args.full_steps} steps on random frames", flush=True)
+    policy, load_s = random_full_policy(window=window, chunk=chunk)
     tokens = encode_prompts(policy.tokenizer, [INSTRUCTION], policy.num_image_tokens).input_ids.shape[1]
     counts = trainable_parameters(policy)
     print(f"  loaded by build_policy in {load_s:.0f} s; {counts['trainable']:,} trainable of {counts['total']:,}; "
