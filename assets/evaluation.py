@@ -63,9 +63,9 @@ def evaluation_metrics(
     val_key = hashlib.sha256(json.dumps([sorted(split.val), config.dead_band]).encode()).hexdigest()[:10]
     report_dir = write_report(evaluation, Path(lora_adapter).parent / "evaluation" / val_key)
     numbers = headline(result)
-    run_id = training_run_id(lora_adapter)
+    run_id, experiment = training_run_id(lora_adapter), experiment_id()
     if run_id:
-        with mlflow.start_run(run_id=run_id, experiment_id=experiment_id()):
+        with mlflow.start_run(run_id=run_id, experiment_id=experiment):
             mlflow.log_metrics({f"eval_{key}": value for key, value in numbers.items()})
             mlflow.log_artifacts(str(report_dir), "evaluation")
     else:
@@ -95,7 +95,7 @@ def evaluation_metrics(
             "predictions_plot": dg.MetadataValue.md(inline_image(report_dir / PREDICTIONS_PLOT, "predicted vs recorded")),
             "confusion_plot": dg.MetadataValue.md(inline_image(report_dir / CONFUSION_PLOT, "confusion matrix")),
             "report": dg.MetadataValue.path(str(report_dir / "report.md")),
-            **({"mlflow_run": dg.MetadataValue.url(run_link(run_id, experiment_id()))} if run_id else {}),
+            **({"mlflow_run": dg.MetadataValue.url(run_link(run_id, experiment))} if run_id else {}),
         },
     )
 
@@ -158,11 +158,11 @@ def registered_model(
     hashes = {i: store.episode_attrs(i)["content_hash"] for i in split.train + split.val}
     tags = _version_tags(numbers, split, lora_adapter, data_snapshot(split.train, split.val, hashes))
     tags.update(promotion=decision.alias, promotion_reason=decision.reason)
-    run_id = training_run_id(lora_adapter)
+    run_id, experiment = training_run_id(lora_adapter), experiment_id()
     client = registry.client()
     version = registry.version_with_tag(config.model_name, "training_fingerprint", fingerprint)
     if version is None:
-        with mlflow.start_run(run_id=run_id, experiment_id=experiment_id()):
+        with mlflow.start_run(run_id=run_id, experiment_id=experiment):
             info = registry.log_policy_model(lora_adapter)
         version = mlflow.register_model(info.model_uri, config.model_name, tags=tags)
     else:  # the same trained weights again: re-gate the existing version instead of duplicating it
@@ -186,6 +186,6 @@ def registered_model(
             "model_uri": f"models:/{config.model_name}@{decision.alias}",
             "git_commit": tags["git_commit"],
             "evaluation": dg.MetadataValue.md(markdown(result)),
-            **({"mlflow_run": dg.MetadataValue.url(run_link(run_id, experiment_id()))} if run_id else {}),
+            **({"mlflow_run": dg.MetadataValue.url(run_link(run_id, experiment))} if run_id else {}),
         },
     )
