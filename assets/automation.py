@@ -11,9 +11,9 @@ from assets.episodes import episode_partitions, episode_windows, raw_episode
 from assets.evaluation import evaluation_metrics, registered_model
 from assets.training import lora_adapter, train_val_split
 from resources import EpisodeFolder, WindowStoreResource
-from vla_pipeline.ingest import is_up_to_date
-from vla_pipeline.retraining import retrain_decision, stored_episodes
-from vla_pipeline.watch import FolderState, scan_folder
+from vla_pipeline.data.ingest import is_up_to_date
+from vla_pipeline.training.retraining import retrain_decision, stored_episodes
+from vla_pipeline.data.watch import FolderState, scan_folder
 
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 

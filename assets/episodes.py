@@ -12,9 +12,9 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 
 from resources import EpisodeFolder, WindowStoreResource
-from vla_pipeline.contracts import colour_error, colour_order_ok, schema_problems
-from vla_pipeline.episodes import EpisodeRejected, inspect_episode
-from vla_pipeline.ingest import ingest_episodes
+from vla_pipeline.data.contracts import colour_error, colour_order_ok, schema_problems
+from vla_pipeline.data.episodes import EpisodeRejected, inspect_episode
+from vla_pipeline.data.ingest import ingest_episodes
 
 episode_partitions = dg.DynamicPartitionsDefinition(name="episodes")
 

@@ -11,17 +11,17 @@ import mlflow
 from pydantic import Field
 
 from resources import ComputeResource, WindowStoreResource
-from vla_pipeline import registry
-from vla_pipeline.evaluation import evaluate, headline
-from vla_pipeline.metrics import DEFAULT_DEAD_BAND
-from vla_pipeline.model import load_policy_dir
-from vla_pipeline.report import (
+from vla_pipeline.evaluation import registry
+from vla_pipeline.evaluation.evaluate import evaluate, headline
+from vla_pipeline.evaluation.metrics import DEFAULT_DEAD_BAND
+from vla_pipeline.policy.model import load_policy_dir
+from vla_pipeline.evaluation.report import (
     CONFUSION_PLOT, PREDICTIONS_PLOT, confusion_table, group_table, inline_image, markdown, per_class_table,
     per_dimension_table, sensitivity_table, summary_table, write_report,
 )
-from vla_pipeline.split import Split
-from vla_pipeline.tracking import data_snapshot, experiment_id, git_commit, run_link, training_run_id
-from vla_pipeline.train import ACTION_STATS_FILE
+from vla_pipeline.training.split import Split
+from vla_pipeline.training.tracking import data_snapshot, experiment_id, git_commit, run_link, training_run_id
+from vla_pipeline.training.train import ACTION_STATS_FILE
 
 
 class EvaluationConfig(dg.Config):

@@ -13,11 +13,11 @@ from pydantic import Field
 
 from assets.episodes import episode_windows
 from resources import ComputeResource, WindowStoreResource
-from vla_pipeline.policy_config import DEFAULT_BACKBONE, PolicyConfig
-from vla_pipeline.schema import ACTION_DIMS
-from vla_pipeline.split import Split, load_split, save_split, split_from_store, train_action_stats
-from vla_pipeline.tracking import RUN_ID_FILE, data_snapshot, experiment_id, flat_params, run_link
-from vla_pipeline.train import TrainConfig, train
+from vla_pipeline.policy.policy_config import DEFAULT_BACKBONE, PolicyConfig
+from vla_pipeline.data.schema import ACTION_DIMS
+from vla_pipeline.training.split import Split, load_split, save_split, split_from_store, train_action_stats
+from vla_pipeline.training.tracking import RUN_ID_FILE, data_snapshot, experiment_id, flat_params, run_link
+from vla_pipeline.training.train import TrainConfig, train
 
 
 class SplitConfig(dg.Config):

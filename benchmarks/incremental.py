@@ -40,13 +40,13 @@ from unittest import mock
 import cv2
 import h5py
 
-import vla_pipeline.ingest as ingest_module
-from vla_pipeline.episodes import inspect_episode
-from vla_pipeline.ingest import episode_files, ingest_episodes, is_up_to_date
-from vla_pipeline.schema import IMAGE_SIZE
-from vla_pipeline.split import load_split, save_split, split_from_store, split_path
-from vla_pipeline.store import WindowStore
-from vla_pipeline.watch import FolderState, scan_folder
+import vla_pipeline.data.ingest as ingest_module
+from vla_pipeline.data.episodes import inspect_episode
+from vla_pipeline.data.ingest import episode_files, ingest_episodes, is_up_to_date
+from vla_pipeline.data.schema import IMAGE_SIZE
+from vla_pipeline.training.split import load_split, save_split, split_from_store, split_path
+from vla_pipeline.data.store import WindowStore
+from vla_pipeline.data.watch import FolderState, scan_folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import OUT, RULES, accepted, competitors, sample_folder, snapshot, wait_for_quiet  # noqa: E402

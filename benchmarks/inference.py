@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vla_pipeline.model import build_policy
-from vla_pipeline.policy_config import PolicyConfig
-from vla_pipeline.serving import StreamingPolicy
+from vla_pipeline.policy.model import build_policy
+from vla_pipeline.policy.policy_config import PolicyConfig
+from vla_pipeline.policy.serving import StreamingPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import OUT  # noqa: E402  (benchmarks/ingest.py)

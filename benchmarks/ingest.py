@@ -31,11 +31,11 @@ from pathlib import Path
 import cv2
 import h5py
 
-from vla_pipeline.episodes import EpisodeRejected, ValidationRules, inspect_episode
-from vla_pipeline.ingest import episode_files, ingest_episodes
-from vla_pipeline.samples import write_sample_episodes
-from vla_pipeline.schema import IMAGE_SIZE
-from vla_pipeline.store import WindowStore
+from vla_pipeline.data.episodes import EpisodeRejected, ValidationRules, inspect_episode
+from vla_pipeline.data.ingest import episode_files, ingest_episodes
+from vla_pipeline.data.samples import write_sample_episodes
+from vla_pipeline.data.schema import IMAGE_SIZE
+from vla_pipeline.data.store import WindowStore
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"

@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vla_pipeline.ingest import episode_files, ingest_episodes
-from vla_pipeline.model import build_policy, build_tiny_backbone, trainable_parameters
-from vla_pipeline.policy_config import DEFAULT_BACKBONE, PolicyConfig
-from vla_pipeline.preprocess import encode_prompts
-from vla_pipeline.schema import INSTRUCTION_TEMPLATE
-from vla_pipeline.train import TrainConfig, train
-from vla_pipeline.windows import HDF5WindowDataset, WindowDataset, make_loader
+from vla_pipeline.data.ingest import episode_files, ingest_episodes
+from vla_pipeline.policy.model import build_policy, build_tiny_backbone, trainable_parameters
+from vla_pipeline.policy.policy_config import DEFAULT_BACKBONE, PolicyConfig
+from vla_pipeline.policy.preprocess import encode_prompts
+from vla_pipeline.data.schema import INSTRUCTION_TEMPLATE
+from vla_pipeline.training.train import TrainConfig, train
+from vla_pipeline.training.windows import HDF5WindowDataset, WindowDataset, make_loader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import OUT, competitors, sample_folder, snapshot, wait_for_quiet  # noqa: E402  (benchmarks/ingest.py)

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from vla_pipeline.compute import ComputePlan, plan_compute
+from vla_pipeline.training.compute import ComputePlan, plan_compute
 
 
 class ComputeResource(dg.ConfigurableResource):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from vla_pipeline.episodes import ValidationRules
-from vla_pipeline.schema import IMAGE_SIZE
-from vla_pipeline.store import WindowStore
+from vla_pipeline.data.episodes import ValidationRules
+from vla_pipeline.data.schema import IMAGE_SIZE
+from vla_pipeline.data.store import WindowStore
 
 
 def env_or(name: str, default: str) -> str | dg.EnvVar:

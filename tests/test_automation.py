@@ -19,10 +19,10 @@ from assets.episodes import episode_partitions, episode_windows, raw_episode
 from assets.evaluation import evaluation_metrics, registered_model
 from assets.training import lora_adapter, train_val_split
 from resources import ComputeResource, EpisodeFolder, WindowStoreResource
-from vla_pipeline.retraining import retrain_decision, stored_episodes
-from vla_pipeline.split import load_split
-from vla_pipeline.store import WindowStore
-from vla_pipeline.watch import FolderState, scan_folder
+from vla_pipeline.training.retraining import retrain_decision, stored_episodes
+from vla_pipeline.training.split import load_split
+from vla_pipeline.data.store import WindowStore
+from vla_pipeline.data.watch import FolderState, scan_folder
 
 
 def episode_name(i: int, side: str = "left") -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vla_pipeline.compute import plan_compute
+from vla_pipeline.training.compute import plan_compute
 
 
 def test_auto_on_a_cpu_machine(monkeypatch):

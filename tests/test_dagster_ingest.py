@@ -24,9 +24,9 @@ import h5py
 import numpy as np
 import pytest
 
-from vla_pipeline.episodes import EpisodeRejected, content_hash, inspect_episode
-from vla_pipeline.samples import write_sample_episodes
-from vla_pipeline.store import WindowStore
+from vla_pipeline.data.episodes import EpisodeRejected, content_hash, inspect_episode
+from vla_pipeline.data.samples import write_sample_episodes
+from vla_pipeline.data.store import WindowStore
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -38,14 +38,14 @@ MIN_FRAMES = 18  # window 8 + chunk 10, the default ValidationRules
 PARTITIONS = "episodes"
 
 DOMAIN_MODULES = [
-    "vla_pipeline.episodes",
-    "vla_pipeline.store",
-    "vla_pipeline.ingest",
+    "vla_pipeline.data.episodes",
+    "vla_pipeline.data.store",
+    "vla_pipeline.data.ingest",
     "vla_pipeline.cli",
-    "vla_pipeline.samples",
-    "vla_pipeline.contracts",
-    "vla_pipeline.stats",
-    "vla_pipeline.schema",
+    "vla_pipeline.data.samples",
+    "vla_pipeline.data.contracts",
+    "vla_pipeline.data.stats",
+    "vla_pipeline.data.schema",
 ]
 
 

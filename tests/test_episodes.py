@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from conftest import GOOD_NAME, write_episode_file
 
-from vla_pipeline.episodes import (
+from vla_pipeline.data.episodes import (
     EpisodeRejected,
     ValidationRules,
     frame_ranges,
     inspect_episode,
     read_frames,
 )
-from vla_pipeline.schema import parse_scenario, side_of_instruction, window_starts
+from vla_pipeline.data.schema import parse_scenario, side_of_instruction, window_starts
 
 
 def rejection(path, rules=ValidationRules()) -> str:

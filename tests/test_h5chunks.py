@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from vla_pipeline.h5chunks import _plain_gzip_chunks, frame_blocks
+from vla_pipeline.data.h5chunks import _plain_gzip_chunks, frame_blocks
 
 
 @pytest.mark.parametrize(

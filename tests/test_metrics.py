@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from vla_pipeline import metrics
-from vla_pipeline.metrics import DIRECTIONS
+from vla_pipeline.evaluation import metrics
+from vla_pipeline.evaluation.metrics import DIRECTIONS
 
 S = 1.15  # action scale
 F, B, L, R, STOP = (S, 0.0), (-S, 0.0), (0.0, S), (0.0, -S), (0.0, 0.0)

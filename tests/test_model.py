@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vla_pipeline.model import (
+from vla_pipeline.policy.model import (
     ADAPTER_DIR,
     WEIGHTS_FILE,
     MobileVLAPolicy,
@@ -22,9 +22,9 @@ from vla_pipeline.model import (
     trainable_breakdown,
     trainable_parameters,
 )
-from vla_pipeline.policy_config import PolicyConfig
-from vla_pipeline.preprocess import encode_prompts, normalise_images, prompt_for
-from vla_pipeline.schema import ACTION_SCALE, INSTRUCTION_TEMPLATE
+from vla_pipeline.policy.policy_config import PolicyConfig
+from vla_pipeline.policy.preprocess import encode_prompts, normalise_images, prompt_for
+from vla_pipeline.data.schema import ACTION_SCALE, INSTRUCTION_TEMPLATE
 
 LEFT = INSTRUCTION_TEMPLATE.format(side="left", target="cup")
 RIGHT = INSTRUCTION_TEMPLATE.format(side="right", target="cup")

@@ -15,12 +15,13 @@ from test_serving import set_constant_output
 
 from assets.evaluation import evaluation_metrics, registered_model
 from resources import ComputeResource, WindowStoreResource
-from vla_pipeline import cli, registry
-from vla_pipeline.ingest import ingest_episodes
-from vla_pipeline.model import build_policy, save_policy
-from vla_pipeline.policy_config import PolicyConfig
-from vla_pipeline.tracking import RUN_ID_FILE, experiment_id
-from vla_pipeline.train import ACTION_STATS_FILE
+from vla_pipeline import cli
+from vla_pipeline.evaluation import registry
+from vla_pipeline.data.ingest import ingest_episodes
+from vla_pipeline.policy.model import build_policy, save_policy
+from vla_pipeline.policy.policy_config import PolicyConfig
+from vla_pipeline.training.tracking import RUN_ID_FILE, experiment_id
+from vla_pipeline.training.train import ACTION_STATS_FILE
 
 NAME = "mobile-vla-test"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from vla_pipeline.episodes import inspect_episode, read_frames
-from vla_pipeline.samples import write_sample_episodes
-from vla_pipeline.schema import ACTION_SCALE, parse_scenario
+from vla_pipeline.data.episodes import inspect_episode, read_frames
+from vla_pipeline.data.samples import write_sample_episodes
+from vla_pipeline.data.schema import ACTION_SCALE, parse_scenario
 
 
 def test_layouts_names_and_values(tmp_path):

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import xxhash
 
-from vla_pipeline.split import (
+from vla_pipeline.training.split import (
     EpisodeEntry,
     Split,
     assign_split,
     split_from_store,
     train_action_stats,
 )
-from vla_pipeline.stats import ActionStats
-from vla_pipeline.store import WindowStore
+from vla_pipeline.data.stats import ActionStats
+from vla_pipeline.data.store import WindowStore
 
 SCENARIOS = [
     "1box_hori_left_core_medium",
@@ -106,7 +106,7 @@ def test_same_episodes_in_any_order_give_the_same_split():
 
 def test_split_does_not_depend_on_python_hash_seed():
     script = (
-        "from vla_pipeline.split import EpisodeEntry, assign_split;"
+        "from vla_pipeline.training.split import EpisodeEntry, assign_split;"
         "print(assign_split([EpisodeEntry(f'ep{i}', 'left', None) for i in range(30)]).val)"
     )
     runs = [

@@ -9,10 +9,10 @@ import pytest
 import zarr
 from conftest import GOOD_NAME, write_episode_file
 
-from vla_pipeline.episodes import ValidationRules
-from vla_pipeline.ingest import episode_files, ingest_episode, ingest_episodes, is_up_to_date
-from vla_pipeline.stats import ActionStats
-from vla_pipeline.store import StoreError, WindowStore
+from vla_pipeline.data.episodes import ValidationRules
+from vla_pipeline.data.ingest import episode_files, ingest_episode, ingest_episodes, is_up_to_date
+from vla_pipeline.data.stats import ActionStats
+from vla_pipeline.data.store import StoreError, WindowStore
 
 
 @pytest.fixture

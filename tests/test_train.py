@@ -14,15 +14,15 @@ import pytest
 import torch
 from conftest import write_episode_file
 
-from vla_pipeline.ingest import ingest_episodes
-from vla_pipeline.model import load_policy_dir
-from vla_pipeline.policy_config import PolicyConfig
-from vla_pipeline.train import CHECKPOINT, STATE_FILE, TrainConfig, train
+from vla_pipeline.data.ingest import ingest_episodes
+from vla_pipeline.policy.model import load_policy_dir
+from vla_pipeline.policy.policy_config import PolicyConfig
+from vla_pipeline.training.train import CHECKPOINT, STATE_FILE, TrainConfig, train
 
 TRAIN_SCRIPT = """
 import json, sys
-from vla_pipeline.policy_config import PolicyConfig
-from vla_pipeline.train import TrainConfig, train
+from vla_pipeline.policy.policy_config import PolicyConfig
+from vla_pipeline.training.train import TrainConfig, train
 args = json.loads(sys.argv[1])
 result = train(PolicyConfig.tiny(), TrainConfig(**args["train"]), args["store"], args["train_ids"],
                args["val_ids"], args["out"], log=lambda line: print(line, flush=True))

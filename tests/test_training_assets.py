@@ -10,9 +10,9 @@ from conftest import write_episode_file
 
 from assets.training import train_val_split
 from resources import WindowStoreResource
-from vla_pipeline.ingest import ingest_episodes
-from vla_pipeline.split import load_split
-from vla_pipeline.store import WindowStore
+from vla_pipeline.data.ingest import ingest_episodes
+from vla_pipeline.training.split import load_split
+from vla_pipeline.data.store import WindowStore
 
 
 def _ingest(folder, store_path, count, offset=0):

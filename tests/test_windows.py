@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import GOOD_NAME, write_episode_file
 
-from vla_pipeline.ingest import ingest_episode
-from vla_pipeline.schema import window_starts
-from vla_pipeline.store import WindowStore
-from vla_pipeline.windows import (
+from vla_pipeline.data.ingest import ingest_episode
+from vla_pipeline.data.schema import window_starts
+from vla_pipeline.data.store import WindowStore
+from vla_pipeline.training.windows import (
     HDF5WindowDataset,
     WindowDataset,
     action_chunks,

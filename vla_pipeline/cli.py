@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from .ingest import episode_files, is_up_to_date
-from .schema import parse_scenario
-from .store import StoreError, WindowStore
+from .data.ingest import episode_files, is_up_to_date
+from .data.schema import parse_scenario
+from .data.store import StoreError, WindowStore
 
 
 def _episodes_dir(value: str | None) -> Path:
@@ -36,7 +36,7 @@ def _dagster_home() -> None:
 
 
 def cmd_sample_episodes(args) -> int:
-    from .samples import write_sample_episodes
+    from .data.samples import write_sample_episodes
 
     paths = write_sample_episodes(args.out_dir, args.n, seed=args.seed, progress=print)
     print(f"{len(paths)} sample episodes in {args.out_dir}")
@@ -144,9 +144,9 @@ def cmd_episodes(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .episodes import EpisodeRejected, ValidationRules, inspect_episode
-    from .h5chunks import frame_blocks
-    from .metrics import DIRECTIONS, direction_classes
+    from .data.episodes import EpisodeRejected, ValidationRules, inspect_episode
+    from .data.h5chunks import frame_blocks
+    from .evaluation.metrics import DIRECTIONS, direction_classes
 
     try:
         if not args.episode.is_file():
@@ -157,7 +157,7 @@ def cmd_predict(args) -> int:
         return 2
     from transformers.utils import logging as transformers_logging
 
-    from .registry import ModelLookupError, load_policy
+    from .evaluation.registry import ModelLookupError, load_policy
 
     transformers_logging.disable_progress_bar()  # stdout is JSON lines; keep stderr for errors
     try:
@@ -186,7 +186,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_model(args) -> int:
-    from .registry import ModelLookupError, resolve_version
+    from .evaluation.registry import ModelLookupError, resolve_version
 
     try:
         version = resolve_version(args.model_uri)

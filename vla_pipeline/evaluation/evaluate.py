@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from . import metrics
-from .model import MobileVLAPolicy
-from .preprocess import normalise_images
-from .schema import ACTION_DIMS, window_starts
-from .serving import sliding_window_actions
-from .split import EpisodeEntry
-from .store import WindowStore
-from .windows import mirror_instruction
+from ..policy.model import MobileVLAPolicy
+from ..policy.preprocess import normalise_images
+from ..data.schema import ACTION_DIMS, window_starts
+from ..policy.serving import sliding_window_actions
+from ..training.split import EpisodeEntry
+from ..data.store import WindowStore
+from ..training.windows import mirror_instruction
 
 ENCODE_BATCH = 8  # frames per backbone call
 

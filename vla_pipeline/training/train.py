@@ -22,10 +22,10 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import get_cosine_schedule_with_warmup
 
 from .compute import ComputePlan, plan_compute
-from .model import build_policy, load_policy_dir, save_policy, trainable_parameters
-from .policy_config import PolicyConfig
-from .schema import ACTION_DIMS
-from .store import WindowStore
+from ..policy.model import build_policy, load_policy_dir, save_policy, trainable_parameters
+from ..policy.policy_config import PolicyConfig
+from ..data.schema import ACTION_DIMS
+from ..data.store import WindowStore
 from .windows import WindowDataset, make_loader
 
 CHECKPOINT = "checkpoint"

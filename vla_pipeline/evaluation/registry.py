@@ -22,9 +22,9 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .model import CONFIG_FILE, load_policy_dir, read_policy_config
-from .serving import StreamingPolicy
-from .tracking import tracking_uri
+from ..policy.model import CONFIG_FILE, load_policy_dir, read_policy_config
+from ..policy.serving import StreamingPolicy
+from ..training.tracking import tracking_uri
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

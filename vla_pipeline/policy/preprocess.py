@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .schema import DEFAULT_TARGET, IMAGE_SIZE, INSTRUCTION_TEMPLATE
+from ..data.schema import DEFAULT_TARGET, IMAGE_SIZE, INSTRUCTION_TEMPLATE
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import xxhash
 
-from .schema import parse_scenario
-from .stats import ActionStats
-from .store import WindowStore
+from ..data.schema import parse_scenario
+from ..data.stats import ActionStats
+from ..data.store import WindowStore
 
 TRAIN, VAL = "train", "val"
 UNKNOWN = "unknown"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .store import WindowStore
+from ..data.store import WindowStore
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from collections import deque
 import numpy as np
 import torch
 
-from .episodes import model_frame
+from ..data.episodes import model_frame
 from .model import MobileVLAPolicy
 from .preprocess import normalise_images
-from .schema import IMAGE_SIZE
+from ..data.schema import IMAGE_SIZE
 
 COLOUR_ORDERS = ("BGR", "RGB")
 

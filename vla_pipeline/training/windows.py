@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .episodes import ValidationRules, inspect_episode, model_frame
-from .preprocess import normalise_actions
-from .schema import ACTION_SCALE, IMAGE_SIZE, window_starts
-from .store import WindowStore
+from ..data.episodes import ValidationRules, inspect_episode, model_frame
+from ..policy.preprocess import normalise_actions
+from ..data.schema import ACTION_SCALE, IMAGE_SIZE, window_starts
+from ..data.store import WindowStore
 
 _SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 _OTHER_SIDE = {"left": "right", "right": "left"}

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .schema import ACTION_DIMS
+from ..data.schema import ACTION_DIMS
 
 DIRECTIONS = ("STOP", "F", "B", "L", "R", "FL", "FR", "BL", "BR")
 # (sign of linear_x, sign of linear_y) -> class; +y strafes left (key "a").

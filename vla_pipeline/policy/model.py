@@ -1,7 +1,7 @@
 """Kosmos-2 policy with a learnable action token and an LSTM policy head over the window.
 
 Every frame of a window is encoded on its own with the instruction prompt
-(`vla_pipeline.preprocess` defines the layout); the last hidden state at the action-token
+(`vla_pipeline.policy.preprocess` defines the layout); the last hidden state at the action-token
 slot is the frame's feature. The head runs an LSTM over the window's features and emits,
 at every frame, a chunk of `chunk` actions (linear_x, linear_y) in normalised units
 [-1, 1] (tanh); robot units are normalised units × `config.action_scale`.
@@ -31,7 +31,7 @@ from torch import nn
 from .policy_config import PolicyConfig
 from .preprocess import CLIP_MEAN, CLIP_STD, INSTRUCTION_WORDS, PROMPT_TEMPLATE
 from .preprocess import encode_prompts, normalise_actions, normalise_images
-from .schema import IMAGE_SIZE
+from ..data.schema import IMAGE_SIZE
 
 CONFIG_FILE = "policy_config.json"
 WEIGHTS_FILE = "policy.safetensors"
@@ -300,7 +300,7 @@ class MobileVLAPolicy(nn.Module):
 
 
 def apply_trainability(policy: MobileVLAPolicy) -> None:
-    """Set requires_grad on every parameter by the rules in `vla_pipeline.policy_config`."""
+    """Set requires_grad on every parameter by the rules in `vla_pipeline.policy.policy_config`."""
     config = policy.config
     kosmos = policy.kosmos
     layers = int(kosmos.config.text_config.layers)

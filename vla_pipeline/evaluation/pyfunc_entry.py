@@ -3,6 +3,6 @@
 
 import mlflow
 
-from vla_pipeline.registry import PolicyModel
+from vla_pipeline.evaluation.registry import PolicyModel
 
 mlflow.models.set_model(PolicyModel())

@@ -177,7 +177,7 @@ def _ingest_in_parallel(paths: list[Path], workers: int, record, job, *args) -> 
 
     # forkserver: workers do not inherit the caller's threads, locks or open database handles.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["vla_pipeline.ingest"])
+    context.set_forkserver_preload(["vla_pipeline.data.ingest"])
     processes = min(workers, len(paths)) - 1  # never more processes than files to share
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)

@@ -1,7 +1,7 @@
 """Everything that defines a policy (backbone, head, what trains), in one JSON-safe record.
 
 Training-setup names follow RoboVLMs. Which backbone parameters train is decided by these
-rules, applied in this order (`vla_pipeline.model.apply_trainability` implements them):
+rules, applied in this order (`vla_pipeline.policy.model.apply_trainability` implements them):
 
 1. base weights: all trainable unless `freeze_backbone` or `lora_enable` (then all frozen);
 2. the vision tower (`vision_model`): trainable iff `train_vision` — in full, base weights
@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import ACTION_DIMS, ACTION_SCALE
+from ..data.schema import ACTION_DIMS, ACTION_SCALE
 
 DEFAULT_BACKBONE = "microsoft/kosmos-2-patch14-224"
 PRESETS = ("full", "tiny")

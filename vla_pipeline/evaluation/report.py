@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluation import Evaluation
+from .evaluate import Evaluation
 from .metrics import DIRECTIONS, STEPS
-from .schema import ACTION_DIMS
+from ..data.schema import ACTION_DIMS
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
