@@ -28,14 +28,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .policy_config import PolicyConfig
+from .hub import resolve_backbone
+from .policy_config import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE, PolicyConfig, read_policy_config
 from .preprocess import CLIP_MEAN, CLIP_STD, INSTRUCTION_WORDS, PROMPT_TEMPLATE
 from .preprocess import encode_prompts, normalise_actions, normalise_images
 from ..data.schema import IMAGE_SIZE
 
-CONFIG_FILE = "policy_config.json"
-WEIGHTS_FILE = "policy.safetensors"
-ADAPTER_DIR = "adapter"
 TINY_SEED = 0
 TINY_VERSION = 1
 
@@ -117,12 +115,15 @@ def load_backbone(config: PolicyConfig, dtype: torch.dtype | None = None):
     The tokenizer comes from the Kosmos-2 processor, which adds the `<image>` tag tokens.
     """
     from transformers import AutoProcessor, Kosmos2Model
+    from transformers.utils import logging as transformers_logging
 
     source = config.backbone
     if config.preset == "tiny" and not Path(source).is_dir():
         source = str(tiny_backbone_dir())
-    model = Kosmos2Model.from_pretrained(source, dtype=dtype or torch.float32)
-    tokenizer = AutoProcessor.from_pretrained(source).tokenizer
+    source, options = resolve_backbone(source)
+    transformers_logging.disable_progress_bar()  # the pipeline prints its own progress lines
+    model = Kosmos2Model.from_pretrained(source, dtype=dtype or torch.float32, **options)
+    tokenizer = AutoProcessor.from_pretrained(source, **options).tokenizer
     return model, tokenizer
 
 
@@ -359,10 +360,6 @@ def save_policy(policy: MobileVLAPolicy, directory) -> Path:
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "prompt_template": PROMPT_TEMPLATE})
     (directory / CONFIG_FILE).write_text(policy.config.to_json() + "\n")
     return directory
-
-
-def read_policy_config(directory) -> PolicyConfig:
-    return PolicyConfig.from_dict(json.loads((Path(directory) / CONFIG_FILE).read_text()))
 
 
 def load_policy_dir(
