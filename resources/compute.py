@@ -2,8 +2,6 @@
 
 import dagster as dg
 
-from vla_pipeline.training.compute import ComputePlan, plan_compute
-
 
 class ComputeResource(dg.ConfigurableResource):
     """Where training runs. `auto` takes a GPU when there is one (bf16 if it supports it,
@@ -13,5 +11,8 @@ class ComputeResource(dg.ConfigurableResource):
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     loader_workers: int = 0
 
-    def plan(self) -> ComputePlan:
+    def plan(self):
+        """The ComputePlan (imports torch, so only when a run asks for it)."""
+        from vla_pipeline.training.compute import plan_compute
+
         return plan_compute(self.device, self.precision)

@@ -1,5 +1,6 @@
-"""The MLflow model registry: log a trained policy as a pyfunc model, gate its promotion, and
-load a policy back by registry URI (`models:/mobile-vla@champion`).
+"""The MLflow model registry: log a trained policy as a pyfunc model, look versions up by alias
+or number, and load a policy back by registry URI (`models:/mobile-vla@champion`). The
+promotion rule itself is `gate.py`.
 
 The pyfunc model holds no pickled torch module: its only artifact is the policy directory
 (`policy_config.json`, `policy.safetensors`, `adapter/`, `action_stats.json`), rebuilt with
@@ -11,61 +12,28 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
-from ..policy.model import CONFIG_FILE, load_policy_dir, read_policy_config
+from ..policy.model import load_policy_dir
+from ..policy.policy_config import CONFIG_FILE, read_policy_config
 from ..policy.serving import StreamingPolicy
-from ..training.tracking import tracking_uri
+from ..training.tracking import mlflow_client, tracking_uri
+from .gate import CHALLENGER, CHAMPION, DEFAULT_MODEL_NAME, GATE_METRIC, PromotionDecision, decide_promotion
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-DEFAULT_MODEL_NAME = "mobile-vla"
-CHAMPION, CHALLENGER = "champion", "challenger"
 POLICY_ARTIFACT = "policy"
-GATE_METRIC = "direction_accuracy_first"  # the command actually sent: first step of the chunk
 _REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy", "opencv-python-headless",
                  "pandas", "h5py", "zarr", "xxhash", "isal", "accelerate", "mlflow")
 
 
 class ModelLookupError(LookupError):
     """A registry URI or directory that does not lead to a policy; the message says why."""
-
-
-class PolicyModel(mlflow.pyfunc.PythonModel):
-    """pyfunc model (logged from code by `pyfunc_entry.py`): rows of a DataFrame are consecutive frames, streamed through one policy.
-
-    Columns: `image` (an encoded PNG/JPEG frame, any size), `instruction` (str) and optional
-    `episode_id` (the stream resets whenever it changes). Returns (rows, chunk, 2) float32
-    actions in robot units.
-    """
-
-    def load_context(self, context) -> None:
-        self.streaming = StreamingPolicy(load_policy_dir(context.artifacts[POLICY_ARTIFACT]), colour_order="BGR")
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
-        import cv2
-
-        self.streaming.reset()
-        episodes = model_input["episode_id"] if "episode_id" in model_input else [None] * len(model_input)
-        out, current = [], object()
-        for image, instruction, episode in zip(model_input["image"], model_input["instruction"], episodes):
-            if episode != current:
-                self.streaming.reset()
-                current = episode
-            frame = cv2.imdecode(np.frombuffer(bytes(image), np.uint8), cv2.IMREAD_COLOR)  # BGR
-            if frame is None:
-                raise ValueError("image column: a value is not an encoded PNG/JPEG image")
-            out.append(self.streaming.step(frame, instruction))
-        return np.stack(out) if out else np.zeros((0, self.streaming.config.chunk, 2), np.float32)
 
 
 def _signature(chunk: int):
@@ -104,50 +72,11 @@ def log_policy_model(policy_dir: Path | str, tags: dict | None = None):
         )
 
 
-# ---------------------------------------------------------------- promotion
-
-
-@dataclass(frozen=True)
-class PromotionDecision:
-    alias: str  # CHAMPION or CHALLENGER
-    reason: str
-
-    @property
-    def promoted(self) -> bool:
-        return self.alias == CHAMPION
-
-
-def decide_promotion(
-    accuracy: float,
-    best_baseline: str,
-    baseline_accuracy: float,
-    min_margin: float,
-    champion_accuracy: float | None = None,
-    champion_version: str | None = None,
-) -> PromotionDecision:
-    """Champion only if the first-step direction accuracy beats the best constant baseline by
-    more than `min_margin` and is at least the current champion's on the same validation set."""
-    margin = accuracy - baseline_accuracy
-    against_baseline = (f"first-step direction accuracy {accuracy:.3f}, best constant baseline {best_baseline} "
-                        f"{baseline_accuracy:.3f}: margin {margin:+.3f}, required more than {min_margin:+.3f}")
-    if not margin > min_margin:
-        return PromotionDecision(CHALLENGER, f"{against_baseline}: not met")
-    if champion_accuracy is not None and accuracy < champion_accuracy:
-        return PromotionDecision(CHALLENGER, (
-            f"{against_baseline}: met; but below champion v{champion_version}'s {champion_accuracy:.3f} "
-            "on the same validation set"))
-    if champion_accuracy is None:
-        return PromotionDecision(CHAMPION, f"{against_baseline}: met; there was no champion")
-    return PromotionDecision(CHAMPION, (
-        f"{against_baseline}: met; champion v{champion_version} scores {champion_accuracy:.3f} on the same validation set"))
-
-
 # ---------------------------------------------------------------- lookup
 
 
-def client() -> MlflowClient:
-    mlflow.set_tracking_uri(tracking_uri())
-    return MlflowClient()
+def client():
+    return mlflow_client()
 
 
 def version_by_alias(name: str, alias: str):

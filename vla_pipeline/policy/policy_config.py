@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..data.schema import ACTION_DIMS, ACTION_SCALE
@@ -30,6 +31,12 @@ DEFAULT_BACKBONE = "microsoft/kosmos-2-patch14-224"
 PRESETS = ("full", "tiny")
 LORA_TARGETS = ("text", "text+vision", "all-linear")
 CONFIG_VERSION = 1
+
+# The policy directory: what training writes and serving reads.
+CONFIG_FILE = "policy_config.json"  # this PolicyConfig
+WEIGHTS_FILE = "policy.safetensors"  # action token, head and any fully trained backbone part
+ADAPTER_DIR = "adapter"  # the LoRA adapter (peft)
+ACTION_STATS_FILE = "action_stats.json"  # the training set's action statistics
 
 
 @dataclass(frozen=True)
@@ -117,3 +124,7 @@ class PolicyConfig:
     @classmethod
     def from_json(cls, text: str) -> PolicyConfig:
         return cls.from_dict(json.loads(text))
+
+
+def read_policy_config(directory) -> PolicyConfig:
+    return PolicyConfig.from_dict(json.loads((Path(directory) / CONFIG_FILE).read_text()))

@@ -1,14 +1,16 @@
-"""MLflow: where runs go, and the training run's params, metrics and artifacts."""
+"""MLflow: where runs go, and the training run's params, metrics and artifacts.
+
+MLflow is imported on first use (`mlflow_client`), not with this module: the Dagster code
+location imports this module and must load in seconds.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
-
-import mlflow
-from mlflow.tracking import MlflowClient
 
 DEFAULT_EXPERIMENT = "mobile-vla"
 MLRUNS = Path("mlruns")
@@ -20,16 +22,33 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(MLRUNS / 'mlflow.db').resolve()}"
 
 
-def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: an `artifacts` folder
+    beside the database (MLflow's own default is ./mlruns under the working directory,
+    wherever the database is). Other stores (a tracking server) choose for themselves."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+
+
+def mlflow_client():
+    """An MlflowClient on `tracking_uri()`, with MLflow's own info logging (database
+    migrations and the like) kept out of the pipeline's output."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
+    return MlflowClient()
+
+
+def experiment_id(name: str = DEFAULT_EXPERIMENT) -> str:
+    client = mlflow_client()
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
-    artifacts = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        artifacts = (MLRUNS / "artifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    return client.create_experiment(name, artifact_location=artifact_root(tracking_uri()))
 
 
 def data_snapshot(train_ids: list[str], val_ids: list[str], content_hashes: dict[str, str]) -> dict:

@@ -23,13 +23,12 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .compute import ComputePlan, plan_compute
 from ..policy.model import build_policy, load_policy_dir, save_policy, trainable_parameters
-from ..policy.policy_config import PolicyConfig
+from ..policy.policy_config import ACTION_STATS_FILE, PolicyConfig
 from ..data.schema import ACTION_DIMS
 from ..data.store import WindowStore
 from .windows import WindowDataset, make_loader
 
 CHECKPOINT = "checkpoint"
-ACTION_STATS_FILE = "action_stats.json"
 STATE_FILE = "trainer_state.pt"
 
 
