@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import dagster as dg
 
+from assets.console import RUN_CONFIG
 from assets.episodes import episode_partitions, episode_windows, raw_episode
 from assets.evaluation import evaluation_metrics, registered_model
 from assets.training import lora_adapter, train_val_split
@@ -15,6 +16,9 @@ from vla_pipeline.data.ingest import is_up_to_date
 from vla_pipeline.training.retraining import retrain_decision, stored_episodes
 from vla_pipeline.data.watch import FolderState, scan_folder
 
+# How often the drop folder is looked at: Dagster's sensor daemon ticks every 5 s at most, and a
+# file is taken on its second unchanged look, so a dropped episode is ingested 5-10 s later.
+SENSOR_INTERVAL_S = 5
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 
 ingest_job = dg.define_asset_job(
@@ -22,12 +26,14 @@ ingest_job = dg.define_asset_job(
     selection=[raw_episode, episode_windows],
     partitions_def=episode_partitions,
     description="Validate episode files and write them into the window store.",
+    config=RUN_CONFIG,
 )
 
 retrain_job = dg.define_asset_job(
     "retrain_job",
     selection=[train_val_split, lora_adapter, evaluation_metrics, registered_model],
     description="Split the stored episodes, train the policy, evaluate it and register it behind the gate.",
+    config=RUN_CONFIG,
 )
 
 
@@ -44,7 +50,7 @@ def contiguous_ranges(selected: Sequence[str], ordered: Sequence[str]) -> list[t
     return ranges
 
 
-@dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(job=ingest_job, minimum_interval_seconds=SENSOR_INTERVAL_S, default_status=dg.DefaultSensorStatus.RUNNING)
 def new_episodes_sensor(context: dg.SensorEvaluationContext, episode_folder: EpisodeFolder,
                         window_store: WindowStoreResource):
     """Watches the drop folder (VLA_EPISODES_DIR): adds a partition per new episode file and
@@ -61,7 +67,8 @@ def new_episodes_sensor(context: dg.SensorEvaluationContext, episode_folder: Epi
     ordered = list(known) + new
     fingerprint = hashlib.sha256(scan.state.to_json().encode()).hexdigest()[:12]
     runs = [
-        dg.RunRequest(run_key=f"{first}..{last}@{fingerprint}", tags={RANGE_START: first, RANGE_END: last})
+        dg.RunRequest(run_key=f"{first}..{last}@{fingerprint}", tags={RANGE_START: first, RANGE_END: last},
+                      run_config=RUN_CONFIG)
         for first, last in contiguous_ranges(due, ordered)
     ]
     events = [
@@ -115,4 +122,4 @@ def retrain_schedule(context: dg.ScheduleEvaluationContext, window_store: Window
     if not decision.retrain:
         return dg.SkipReason(decision.reason)
     return dg.RunRequest(run_key=f"retrain@{context.scheduled_execution_time.isoformat()}",
-                         tags={"retrain_reason": decision.reason[:200]})
+                         tags={"retrain_reason": decision.reason[:200]}, run_config=RUN_CONFIG)

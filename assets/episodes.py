@@ -98,7 +98,8 @@ def raw_episode(context: dg.AssetExecutionContext, episode_folder: EpisodeFolder
             summary = {"status": "rejected", "reason": reason, "source_file": str(path)}
             context.log.warning(f"{episode_id}: rejected: {reason}")
         context.add_asset_metadata(summary, partition_key=episode_id)
-        checks.add(RAW_VALID, episode_id, not reason, {"reason": reason or "ok"})
+        # A quarantined file is an expected outcome, not a broken asset: a warning, not an error.
+        checks.add(RAW_VALID, episode_id, not reason, {"reason": reason or "ok"}, warn=bool(reason))
     yield dg.MaterializeResult()
     yield from checks.emit(context)
 

@@ -4,24 +4,23 @@ episodes, and its registration in the MLflow model registry behind a promotion g
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import dagster as dg
-import mlflow
+from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager  # not exported in 1.13
 from pydantic import Field
 
 from resources import ComputeResource, WindowStoreResource
-from vla_pipeline.evaluation import registry
-from vla_pipeline.evaluation.evaluate import evaluate, headline
+from vla_pipeline.evaluation import gate
 from vla_pipeline.evaluation.metrics import DEFAULT_DEAD_BAND
-from vla_pipeline.policy.model import load_policy_dir
 from vla_pipeline.evaluation.report import (
-    CONFUSION_PLOT, PREDICTIONS_PLOT, confusion_table, group_table, inline_image, markdown, per_class_table,
-    per_dimension_table, sensitivity_table, summary_table, write_report,
+    CONFUSION_PLOT, NO_SENSITIVITY, PREDICTIONS_PLOT, Table, confusion_table, group_table, inline_image, markdown,
+    per_class_table, per_dimension_table, sensitivity_table, summary_table, write_report,
 )
+from vla_pipeline.policy.policy_config import ACTION_STATS_FILE
 from vla_pipeline.training.split import Split
 from vla_pipeline.training.tracking import data_snapshot, experiment_id, git_commit, run_link, training_run_id
-from vla_pipeline.training.train import ACTION_STATS_FILE
 
 
 class EvaluationConfig(dg.Config):
@@ -29,8 +28,35 @@ class EvaluationConfig(dg.Config):
 
 
 def _load(policy_dir, compute: ComputeResource):
+    from vla_pipeline.policy.model import load_policy_dir
+
     policy = load_policy_dir(policy_dir)
     return policy.to(compute.plan().device)
+
+
+def _table(table: Table | None, empty: str = NO_SENSITIVITY) -> dg.MetadataValue:
+    """A table the asset page renders as one (markdown tables over 1,000 characters hide behind a button)."""
+    if table is None:
+        return dg.MetadataValue.md(empty)
+    return dg.MetadataValue.table(
+        records=[dg.TableRecord(dict(zip(table.header, row))) for row in table.cells()],
+        schema=dg.TableSchema(columns=[dg.TableColumn(name, "string") for name in table.header]),
+    )
+
+
+def _plot(context: dg.AssetExecutionContext, path: Path, title: str) -> dg.MetadataValue:
+    """A plot shown inline on the asset page. Dagster renders only short markdown inline, so the
+    PNG is not embedded but served by the webserver itself from the instance's compute-log
+    folder (its /logs/ route). With a compute log manager that has no such folder, it is embedded
+    and shown behind "[Show Markdown]"."""
+    manager = context.instance.compute_log_manager
+    if not isinstance(manager, LocalComputeLogManager):
+        return dg.MetadataValue.md(inline_image(path, title))
+    key = ["vla_reports", context.run_id, path.stem]
+    served = Path(manager.get_captured_local_path(key, path.suffix.lstrip(".")))
+    served.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, served)
+    return dg.MetadataValue.md(f"![{title}](/logs/{'/'.join(key)}/{path.suffix.lstrip('.')})")
 
 
 def _train_mean(policy_dir) -> list[float]:
@@ -41,6 +67,8 @@ def _train_mean(policy_dir) -> list[float]:
 def _evaluate(policy_dir, split: Split, window_store: WindowStoreResource, compute, dead_band, log):
     if not split.val:
         raise dg.Failure("the split has no validation episodes: ingest more episodes or raise val_fraction")
+    from vla_pipeline.evaluation.evaluate import evaluate
+
     policy = _load(policy_dir, compute)
     return evaluate(policy, window_store.open().path, split.val, _train_mean(policy_dir), dead_band, progress=log)
 
@@ -57,6 +85,10 @@ def evaluation_metrics(
     """Direction accuracy (9 classes with a dead band), MSE/MAE/RMSE per dimension, constant
     baselines on the same frames, left↔right instruction sensitivity, and per-side and
     per-scenario breakdowns on the validation episodes. Logged to the training's MLflow run."""
+    import mlflow
+
+    from vla_pipeline.evaluation.evaluate import headline
+
     split = Split.from_dict(train_val_split)
     evaluation = _evaluate(lora_adapter, split, window_store, compute, config.dead_band, context.log.info)
     result = evaluation.metrics
@@ -86,14 +118,16 @@ def evaluation_metrics(
             "instruction_flip_fraction": numbers.get("instruction_flip_fraction_first", float("nan")),
             "val_episodes": result["episodes"],
             "predictions": result["predictions"],
-            "model_vs_baselines": dg.MetadataValue.md(summary_table(result)),
-            "errors_per_dimension": dg.MetadataValue.md(per_dimension_table(result)),
-            "direction_classes": dg.MetadataValue.md(per_class_table(result) + "\n\n" + confusion_table(result)),
-            "instruction_sensitivity": dg.MetadataValue.md(sensitivity_table(result["instruction_sensitivity"])),
-            "by_side": dg.MetadataValue.md(group_table(result["by_side"], "side")),
-            "by_scenario": dg.MetadataValue.md(group_table(result["by_scenario"], "scenario")),
-            "predictions_plot": dg.MetadataValue.md(inline_image(report_dir / PREDICTIONS_PLOT, "predicted vs recorded")),
-            "confusion_plot": dg.MetadataValue.md(inline_image(report_dir / CONFUSION_PLOT, "confusion matrix")),
+            "predictions_plot": _plot(context, report_dir / PREDICTIONS_PLOT, "predicted vs recorded"),
+            "confusion_plot": _plot(context, report_dir / CONFUSION_PLOT, "confusion matrix"),
+            "model_vs_baselines_first_step": _table(summary_table(result)),
+            "model_vs_baselines_all_steps": _table(summary_table(result, "all")),
+            "instruction_sensitivity": _table(sensitivity_table(result["instruction_sensitivity"])),
+            "errors_per_dimension": _table(per_dimension_table(result)),
+            "direction_classes": _table(per_class_table(result)),
+            "confusion_matrix": _table(confusion_table(result)),
+            "by_side_first_step": _table(group_table(result["by_side"], "side")),
+            "by_scenario_first_step": _table(group_table(result["by_scenario"], "scenario")),
             "report": dg.MetadataValue.path(str(report_dir / "report.md")),
             **({"mlflow_run": dg.MetadataValue.url(run_link(run_id, experiment))} if run_id else {}),
         },
@@ -101,7 +135,7 @@ def evaluation_metrics(
 
 
 class RegistryConfig(dg.Config):
-    model_name: str = Field(default_factory=lambda: os.environ.get("VLA_REGISTERED_MODEL") or registry.DEFAULT_MODEL_NAME)
+    model_name: str = Field(default_factory=lambda: os.environ.get("VLA_REGISTERED_MODEL") or gate.DEFAULT_MODEL_NAME)
     min_accuracy_margin: float = Field(
         default=0.05, description="first-step direction accuracy the model must gain over the best constant baseline")
 
@@ -133,24 +167,29 @@ def registered_model(
     directory). It takes alias `champion` only if it beats the best constant baseline by
     `min_accuracy_margin` and matches the current champion re-evaluated on the same
     validation episodes; otherwise alias `challenger`, with the reason."""
+    import mlflow
+
+    from vla_pipeline.evaluation import registry
+    from vla_pipeline.evaluation.evaluate import headline
+
     split = Split.from_dict(train_val_split)
     result, numbers = evaluation_metrics["metrics"], evaluation_metrics["headline"]
     margin = result["margin"]["first"]
     best = margin["best_accuracy_baseline"]
     fingerprint = Path(lora_adapter).parent.name
 
-    champion = registry.version_by_alias(config.model_name, registry.CHAMPION)
+    champion = registry.version_by_alias(config.model_name, gate.CHAMPION)
     champion_accuracy = None
     if champion is not None:
         if champion.tags.get("training_fingerprint") == fingerprint:
-            champion_accuracy = numbers[registry.GATE_METRIC]  # the very same weights
+            champion_accuracy = numbers[gate.GATE_METRIC]  # the very same weights
         else:
             context.log.info(f"re-evaluating champion v{champion.version} on the current {len(split.val)} validation episodes")
             champion_dir = registry.policy_dir_of(champion)
             again = _evaluate(champion_dir, split, window_store, compute, result["dead_band"], context.log.info)
-            champion_accuracy = headline(again.metrics)[registry.GATE_METRIC]
-    decision = registry.decide_promotion(
-        numbers[registry.GATE_METRIC], best, result["baselines"][best]["first"]["direction_accuracy"],
+            champion_accuracy = headline(again.metrics)[gate.GATE_METRIC]
+    decision = gate.decide_promotion(
+        numbers[gate.GATE_METRIC], best, result["baselines"][best]["first"]["direction_accuracy"],
         config.min_accuracy_margin, champion_accuracy, champion.version if champion else None,
     )
 
@@ -179,7 +218,7 @@ def registered_model(
             "version": int(version.version),
             "alias": decision.alias,
             "reason": decision.reason,
-            "direction_accuracy_first": numbers[registry.GATE_METRIC],
+            "direction_accuracy_first": numbers[gate.GATE_METRIC],
             "best_baseline": f"{best} ({result['baselines'][best]['first']['direction_accuracy']:.3f})",
             "champion_before": f"v{champion.version}" if champion else "none",
             "champion_before_accuracy_on_current_val": champion_accuracy if champion_accuracy is not None else float("nan"),

@@ -1,4 +1,8 @@
-"""Training assets: the train/val split of the stored episodes, and the LoRA adapter."""
+"""Training assets: the train/val split of the stored episodes, and the LoRA adapter.
+
+torch, transformers, accelerate and MLflow are imported inside `lora_adapter`, not with the
+module: the code location loads in every Dagster process, most of which never train.
+"""
 
 import hashlib
 import json
@@ -8,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import mlflow
 from pydantic import Field
 
 from assets.episodes import episode_windows
@@ -17,7 +20,6 @@ from vla_pipeline.policy.policy_config import DEFAULT_BACKBONE, PolicyConfig
 from vla_pipeline.data.schema import ACTION_DIMS
 from vla_pipeline.training.split import Split, load_split, save_split, split_from_store, train_action_stats
 from vla_pipeline.training.tracking import RUN_ID_FILE, data_snapshot, experiment_id, flat_params, run_link
-from vla_pipeline.training.train import TrainConfig, train
 
 
 class SplitConfig(dg.Config):
@@ -84,7 +86,10 @@ class TrainingConfig(dg.Config):
     policy: dict[str, Any] = {}
     train: dict[str, Any] = {}
 
-    def configs(self) -> tuple[PolicyConfig, TrainConfig]:
+    def configs(self):
+        """(PolicyConfig, TrainConfig) from the model and the overrides."""
+        from vla_pipeline.training.train import TrainConfig
+
         try:
             if self.model == "tiny":
                 policy = PolicyConfig.tiny(**self.policy)
@@ -113,6 +118,11 @@ def lora_adapter(
     Trains on the split's training windows on the compute resource, records the run in
     MLflow, and resumes from the last checkpoint when the same training was interrupted.
     """
+    import mlflow
+
+    from vla_pipeline.policy.hub import BackboneUnavailable
+    from vla_pipeline.training.train import train
+
     policy_config, train_config = config.configs()
     train_config = replace(train_config, loader_workers=compute.loader_workers)
     store = window_store.open()
@@ -142,11 +152,11 @@ def lora_adapter(
                 on_epoch=lambda record: mlflow.log_metrics(
                     {"train_loss": record["train_loss"], "val_loss": record["val_loss"]}, step=record["epoch"]),
             )
-        except OSError as error:
-            raise dg.Failure(
-                f"could not load the backbone {policy_config.backbone!r} ({error}). Without a model hub, "
-                "set VLA_MODEL=tiny or point it at a local directory written by save_pretrained."
-            ) from error
+        except BackboneUnavailable as error:
+            raise dg.Failure(str(error), allow_retries=False) from None
+        except OSError as error:  # a folder that is not a save_pretrained checkpoint, a broken download
+            raise dg.Failure(f"could not load the backbone {policy_config.backbone!r}: {error}",
+                             allow_retries=False) from None
         mlflow.log_metrics({"best_val_loss": result.best_val_loss, "trainable_parameters": result.parameters["trainable"]})
         mlflow.log_artifacts(str(output_dir / "policy"), "policy")
         mlflow.log_artifact(str(output_dir / "training.json"))

@@ -12,6 +12,7 @@ import dagster as dg
 from assets.automation import (
     automation_sensor, contiguous_ranges, ingest_job, new_episodes_sensor, retrain_job, retrain_schedule,
 )
+from assets.console import console_logger
 from assets.evaluation import evaluation_metrics, registered_model
 from assets.episodes import episode_partitions, episode_windows, raw_episode
 from assets.training import lora_adapter, train_val_split
@@ -23,6 +24,10 @@ defs = dg.Definitions(
     jobs=[ingest_job, retrain_job],
     sensors=[new_episodes_sensor, automation_sensor],
     schedules=[retrain_schedule],
+    loggers={"console": console_logger},
+    # Every run's steps in the run's own process: the steps of each job form a chain, and a step
+    # process would only load the code location once more.
+    executor=dg.in_process_executor,
     resources={
         "episode_folder": EpisodeFolder(path=env_or("VLA_EPISODES_DIR", "data/episodes")),
         "window_store": WindowStoreResource(path=env_or("VLA_STORE", "data/store.zarr")),

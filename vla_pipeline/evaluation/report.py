@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .evaluate import Evaluation
 from .metrics import DIRECTIONS, STEPS
 from ..data.schema import ACTION_DIMS
 
@@ -17,6 +18,9 @@ PREDICTIONS_PLOT = "predictions.png"
 CONFUSION_PLOT = "confusion.png"
 PLOTTED_EPISODES = 3
 
+if TYPE_CHECKING:  # evaluate imports torch; the report does not need it
+    from .evaluate import Evaluation
+
 
 def _number(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
@@ -24,66 +28,82 @@ def _number(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |"]
-    lines += ["| " + " | ".join(_number(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class Table:
+    """A table as data: rendered to markdown for report.md, to a Dagster table for the UI."""
+
+    header: list[str]
+    rows: list[list]
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.header) + " |",
+                 "| " + " | ".join(["---"] + ["---:"] * (len(self.header) - 1)) + " |"]
+        lines += ["| " + " | ".join(_number(cell) for cell in row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    def cells(self) -> list[list[str]]:
+        """Every cell as display text (numbers rounded as in the markdown)."""
+        return [[_number(cell) for cell in row] for row in self.rows]
 
 
-def summary_table(result: dict) -> str:
-    """Model against the constant baselines: direction accuracy and errors, first step and all steps."""
-    header = ["predictor"] + [f"{key} ({steps})" for steps in STEPS for key in ("direction acc", "MSE", "MAE")]
-    contenders = {"**model**": result["model"], **{f"baseline: {k}": v for k, v in result["baselines"].items()}}
-    rows = [[name] + [scored[s][k] for s in STEPS for k in ("direction_accuracy", "mse", "mae")]
+def summary_table(result: dict, steps: str = "first") -> Table:
+    """Model against the baselines on direction accuracy and errors, for the first step of the
+    chunk (the command sent) or all its steps; the last row is the margin over the best baseline
+    (accuracy gained, MSE saved: positive is better than every baseline)."""
+    contenders = {"model": result["model"], **{f"baseline: {k}": v for k, v in result["baselines"].items()}}
+    rows = [[name, scored[steps]["direction_accuracy"], scored[steps]["mse"], scored[steps]["mae"]]
             for name, scored in contenders.items()]
-    margin = result["margin"]  # accuracy gained, MSE saved: positive is better than every baseline
-    rows.append(["margin over best baseline"] + [
-        value for s in STEPS for value in (margin[s]["direction_accuracy_margin"], margin[s]["mse_margin"], None)
-    ])
-    return _table(header, rows)
+    margin = result["margin"][steps]
+    rows.append(["margin over best", margin["direction_accuracy_margin"], margin["mse_margin"], None])
+    return Table(["predictor", "dir. acc", "MSE", "MAE"], rows)
 
 
-def per_dimension_table(result: dict) -> str:
-    header = ["steps", *(f"{m} {d}" for d in ACTION_DIMS for m in ("MSE", "MAE", "RMSE"))]
-    rows = [[steps, *(result["model"][steps][f"{m}_{d}"] for d in ACTION_DIMS for m in ("mse", "mae", "rmse"))]
-            for steps in STEPS]
-    return _table(header, rows)
+def per_dimension_table(result: dict) -> Table:
+    rows = [[steps, dim, *(result["model"][steps][f"{m}_{dim}"] for m in ("mse", "mae", "rmse"))]
+            for steps in STEPS for dim in ACTION_DIMS]
+    return Table(["steps", "action", "MSE", "MAE", "RMSE"], rows)
 
 
-def per_class_table(result: dict, steps: str = "first") -> str:
+def per_class_table(result: dict, steps: str = "first") -> Table:
     scored = result["model"][steps]
     rows = [[name, scored["support"][name], scored["recall"][name], scored["precision"][name]] for name in DIRECTIONS]
-    return _table(["class", "true count", "recall", "precision"], rows)
+    return Table(["class", "true count", "recall", "precision"], rows)
 
 
-def confusion_table(result: dict, steps: str = "first") -> str:
+def confusion_table(result: dict, steps: str = "first") -> Table:
     confusion = result["model"][steps]["confusion"]
-    return _table(["true \\ predicted", *DIRECTIONS], [[name, *row] for name, row in zip(DIRECTIONS, confusion)])
+    return Table(["recorded \\ predicted", *DIRECTIONS], [[name, *row] for name, row in zip(DIRECTIONS, confusion)])
 
 
-def group_table(groups: dict, label: str) -> str:
-    return _table([label, "predictions", "direction acc (first)", "MAE (first)"],
-                  [[name, g["predictions"], g["direction_accuracy"], g["mae"]] for name, g in groups.items()])
+def group_table(groups: dict, label: str) -> Table:
+    return Table([label, "predictions", "dir. acc", "MAE"],
+                 [[name, g["predictions"], g["direction_accuracy"], g["mae"]] for name, g in groups.items()])
 
 
-def sensitivity_table(sensitivity: dict) -> str:
+def sensitivity_table(sensitivity: dict) -> Table | None:
+    """None when there were no left/right validation episodes to swap."""
     if not sensitivity.get("predictions"):
-        return "No left/right validation episodes: instruction sensitivity not measured."
-    return _table(["steps", "sign of linear_y flips", "mean |change| of linear_y"],
-                  [[steps, sensitivity[f"flip_fraction_{steps}"], sensitivity[f"mean_abs_change_{steps}"]]
-                   for steps in STEPS])
+        return None
+    return Table(["steps", "linear_y sign flips", "mean abs change"],
+                 [[steps, sensitivity[f"flip_fraction_{steps}"], sensitivity[f"mean_abs_change_{steps}"]]
+                  for steps in STEPS])
+
+
+NO_SENSITIVITY = "No left/right validation episodes: instruction sensitivity not measured."
 
 
 def markdown(result: dict) -> str:
+    sensitivity = sensitivity_table(result["instruction_sensitivity"])
     return "\n\n".join([
         f"## Evaluation on {result['episodes']} validation episodes, {result['predictions']} predictions "
         f"(window {result['window']}, chunk {result['chunk']}, dead band {result['dead_band']} × {result['action_scale']})",
-        summary_table(result),
-        "### Errors per action dimension (robot units)", per_dimension_table(result),
-        "### Direction classes, first step", per_class_table(result), confusion_table(result),
-        "### Instruction sensitivity (left ↔ right swapped)", sensitivity_table(result["instruction_sensitivity"]),
-        "### By side", group_table(result["by_side"], "side"),
-        "### By scenario", group_table(result["by_scenario"], "scenario"),
+        "### Model against the baselines, first step (the command sent)", summary_table(result).markdown(),
+        "### Model against the baselines, all chunk steps", summary_table(result, "all").markdown(),
+        "### Errors per action dimension (robot units)", per_dimension_table(result).markdown(),
+        "### Direction classes, first step", per_class_table(result).markdown(), confusion_table(result).markdown(),
+        "### Instruction sensitivity (left ↔ right swapped in the instruction; linear_y)", sensitivity.markdown() if sensitivity else NO_SENSITIVITY,
+        "### By side, first step", group_table(result["by_side"], "side").markdown(),
+        "### By scenario, first step", group_table(result["by_scenario"], "scenario").markdown(),
     ]) + "\n"
 
 
@@ -95,12 +115,12 @@ def plot_predictions(evaluation: Evaluation, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     episodes = evaluation.episodes[:PLOTTED_EPISODES]
-    fig, axes = plt.subplots(len(episodes), 2, figsize=(10, 2.4 * len(episodes)), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(len(episodes), 2, figsize=(5.2, 2.0 * len(episodes)), squeeze=False, sharey=True)
     for row, episode in zip(axes, episodes):
         for dim, ax in enumerate(row):
             ax.step(range(len(episode.true)), episode.true[:, 0, dim], where="mid", label="recorded", color="black")
             ax.plot(episode.pred[:, 0, dim], marker="o", markersize=3, label="predicted", color="tab:orange")
-            ax.set_title(f"{episode.episode_id[:40]} · {ACTION_DIMS[dim]}", fontsize=8)
+            ax.set_title(f"{episode.episode_id.removeprefix('episode_')[:32]} · {ACTION_DIMS[dim]}", fontsize=7)
             ax.axhline(0, color="grey", linewidth=0.5)
     axes[0][0].legend(fontsize=7)
     axes[-1][0].set_xlabel("frame")
@@ -118,7 +138,7 @@ def plot_confusion(result: dict, path: Path, steps: str = "first") -> Path:
     import matplotlib.pyplot as plt
 
     confusion = np.asarray(result["model"][steps]["confusion"])
-    fig, ax = plt.subplots(figsize=(5, 4.4))
+    fig, ax = plt.subplots(figsize=(5, 4.2))
     ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(DIRECTIONS)), DIRECTIONS)
     ax.set_yticks(range(len(DIRECTIONS)), DIRECTIONS)
