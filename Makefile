@@ -5,51 +5,57 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
-# `dagster asset materialize` finds the code location through this, not pyproject.toml.
-export DAGSTER_MODULE_NAME ?= vla_pipeline.definitions
 export VLA_EPISODES_DIR ?= data/episodes
 export VLA_STORE ?= data/store.zarr
 export VLA_MODELS ?= data/models
+# `dagster asset materialize` warns on every call that `dg launch` supersedes it (dg is not installed).
+export PYTHONWARNINGS ?= ignore::FutureWarning:click.core
 # Where these machines keep a CPU build of torch; elsewhere torch comes from PyPI.
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),/opt/wheels)
 CPU_TORCH := $(firstword $(wildcard $(FIND_LINKS)/torch-*+cpu-*.whl))
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 3000
+# `dagster asset materialize` finds the code location only through -m or DAGSTER_MODULE_NAME; exported,
+# that variable would also reach the webserver of `dagster dev` and stop it, so it is never exported.
+MATERIALIZE := $(BIN)/dagster asset materialize -m vla_pipeline.definitions
+# Short progress lines (assets/console.py) instead of Dagster's full event log.
+CONSOLE := "loggers": {"console": {"config": {"log_level": "INFO"}}}
+DEMO_START := $(shell date +%s)
 
 .PHONY: install demo test bench ui clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q uv
-	$(if $(CPU_TORCH),$(BIN)/uv pip install -q --python $(PY) "$(CPU_TORCH)",)
-	$(BIN)/uv pip install -q --python $(PY) -e '.[dev]'
-	# After `source .venv/bin/activate`, plain `dagster asset materialize ...` finds the code
-	# location and the instance from the repository root.
-	grep -q DAGSTER_MODULE_NAME $(BIN)/activate || printf '%s\n' \
-	  'export DAGSTER_MODULE_NAME="$${DAGSTER_MODULE_NAME:-vla_pipeline.definitions}"' \
-	  'export DAGSTER_HOME="$${DAGSTER_HOME:-$$VIRTUAL_ENV/../.dagster}"' >> $(BIN)/activate
-	touch $@
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q uv
+	@$(if $(CPU_TORCH),$(BIN)/uv pip install -q --python $(PY) "$(CPU_TORCH)",)
+	@$(BIN)/uv pip install -q --python $(PY) -e '.[dev]'
+	@# After `source .venv/bin/activate`, Dagster commands typed from the repository root use
+	@# .dagster as the instance and find the code location (.dagster/shell.sh says how).
+	@sed -i '/DAGSTER_MODULE_NAME\|DAGSTER_HOME:-\$$VIRTUAL_ENV\|vla-pipeline/d' $(BIN)/activate
+	@echo '. "$$VIRTUAL_ENV/../.dagster/shell.sh"  # vla-pipeline' >> $(BIN)/activate
+	@touch $@
 
 demo: install
-	$(BIN)/vla-pipeline sample-episodes $(VLA_EPISODES_DIR) -n 12 --seed 0
-	$(BIN)/vla-pipeline ingest $(VLA_EPISODES_DIR)
-	$(BIN)/vla-pipeline episodes
-	$(BIN)/dagster asset materialize --select train_val_split 2>&1 | grep -E "train /|RUN_SUCCESS|RUN_FAILURE|Error"
-	VLA_MODEL=tiny $(BIN)/dagster asset materialize --select 'lora_adapter*' \
-	  --config-json '{"ops": {"lora_adapter": {"config": {"train": {"epochs": 10, "lr": 0.002}}}}}' 2>&1 \
-	  | grep -E " - (lora_adapter - (training|parameters|epoch)|evaluation_metrics - direction|registered_model - (re-eval|mobile-vla))|RUN_SUCCESS|RUN_FAILURE|Error" \
-	  | sed -E 's/^.* - (lora_adapter|evaluation_metrics|registered_model) - /\1: /'
-	# The tiny backbone is built from random weights: minutes on a CPU do not teach it
-	# directions, so the gate rightly leaves it @challenger. Only to show the champion
-	# lookup, the demo then re-gates the same version with the baseline margin switched off.
+	@$(BIN)/vla-pipeline sample-episodes $(VLA_EPISODES_DIR) -n 12 --seed 0
+	@$(BIN)/vla-pipeline ingest $(VLA_EPISODES_DIR)
+	@$(BIN)/vla-pipeline episodes
+	@$(MATERIALIZE) --select train_val_split --config-json '{$(CONSOLE)}'
+	@VLA_MODEL=tiny $(MATERIALIZE) --select 'lora_adapter*' \
+	  --config-json '{$(CONSOLE), "ops": {"lora_adapter": {"config": {"train": {"epochs": 10, "lr": 0.002}}}}}'
+	@# The tiny backbone is built from random weights: minutes on a CPU do not teach it
+	@# directions, so the gate rightly leaves it @challenger. Only to show the champion
+	@# lookup, the demo then re-gates the same version with the baseline margin switched off.
 	@echo "demo only: re-gating with min_accuracy_margin -1 so that the lookup by @champion can be shown"
-	$(BIN)/dagster asset materialize --select registered_model \
-	  --config-json '{"ops": {"registered_model": {"config": {"min_accuracy_margin": -1.0}}}}' 2>&1 \
-	  | grep -E " - registered_model - (re-eval|mobile-vla)|RUN_SUCCESS|RUN_FAILURE|Error" | sed -E 's/^.* - registered_model - /registered_model: /'
-	# A fresh process looks the champion up by alias and drives it over an episode file.
-	$(BIN)/vla-pipeline model --model-uri models:/mobile-vla@champion
-	$(BIN)/vla-pipeline predict --model-uri models:/mobile-vla@champion \
+	@$(MATERIALIZE) --select registered_model \
+	  --config-json '{$(CONSOLE), "ops": {"registered_model": {"config": {"min_accuracy_margin": -1.0}}}}'
+	@echo "--- a fresh process looks the champion up by alias and drives it over an episode file"
+	@$(BIN)/vla-pipeline model --model-uri models:/mobile-vla@champion
+	@$(BIN)/vla-pipeline predict --model-uri models:/mobile-vla@champion \
 	  "$$(ls $(VLA_EPISODES_DIR)/*.h5 | head -n 1)" | head -n 3
+	@echo "--- demo done in $$(( $$(date +%s) - $(DEMO_START) )) s: episodes in $(VLA_EPISODES_DIR), store $(VLA_STORE)," \
+	  "models in $(VLA_MODELS), runs in $(DAGSTER_HOME) (make ui), MLflow in mlruns/"
 
 test: install
 	$(BIN)/pytest -q
@@ -58,7 +64,7 @@ bench: install
 	$(PY) benchmarks/ingest.py
 
 ui: install
-	$(BIN)/dagster dev -h 127.0.0.1
+	@env -u DAGSTER_MODULE_NAME $(BIN)/dagster dev -h $(UI_HOST) -p $(UI_PORT)
 
 clean:
 	rm -rf data .dagster/storage .dagster/history .dagster/schedules .dagster/logs

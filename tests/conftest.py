@@ -1,7 +1,11 @@
-"""Small episode files in the collector's layouts, written by the tests themselves."""
+"""Small episode files in the collector's layouts, written by the tests themselves; and a test
+session that never writes into the repository."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -9,6 +13,45 @@ import numpy as np
 import pytest
 
 GOOD_NAME = "episode_20250614_101502_1box_hori_left_core_medium"
+REPO = Path(__file__).resolve().parents[1]
+# Where the pipeline writes by default, relative to the repository: a test must never land there.
+WATCHED = ["mlruns", "data", ".dagster", "test-artifacts"]
+
+# Defaults for everything that writes, set before any test imports the code location (which reads
+# them at import): a test that forgets its own folders still writes into this session's temp dir.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="vla-tests-"))
+for _name, _value in {
+    "MLFLOW_TRACKING_URI": f"sqlite:///{_SESSION_DIR / 'mlruns' / 'mlflow.db'}",
+    "VLA_MODELS": str(_SESSION_DIR / "models"),
+    "VLA_STORE": str(_SESSION_DIR / "store.zarr"),
+    "VLA_EPISODES_DIR": str(_SESSION_DIR / "episodes"),
+    "DAGSTER_HOME": str(_SESSION_DIR / "dagster_home"),
+    "VLA_TINY_BACKBONE": str(_SESSION_DIR / "kosmos2-tiny"),
+}.items():
+    os.environ[_name] = _value
+(_SESSION_DIR / "mlruns").mkdir()
+(_SESSION_DIR / "dagster_home").mkdir()
+(_SESSION_DIR / "dagster_home" / "dagster.yaml").write_text((REPO / ".dagster" / "dagster.yaml").read_text())
+
+
+def repository_footprint() -> dict[str, float]:
+    """Every file under the watched folders with its mtime, and the tracked files that differ from HEAD."""
+    files = {str(path.relative_to(REPO)): path.stat().st_mtime
+             for name in WATCHED for path in (REPO / name).rglob("*") if path.is_file()}
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                             capture_output=True, text=True).stdout
+    files.update({f"git: {line}": 0.0 for line in changed.splitlines()})
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_untouched():
+    """Fails the session if a test wrote into the repository's own data, runs or models."""
+    before = repository_footprint()
+    yield
+    after = repository_footprint()
+    touched = sorted(path for path in after if before.get(path) != after[path])
+    assert not touched, f"tests wrote into the repository: {touched[:10]}"
 
 
 def write_episode_file(

@@ -1,11 +1,12 @@
-"""The real Dagster UI, driven by a headless Chromium: what a person sees in `make ui`.
+"""The real Dagster UI, started by `make ui` exactly as a user types it, driven by a headless Chromium.
 
-Proves that the code location loads in a webserver started from the repository root
-(temporary DAGSTER_HOME, data folders and MLflow store, so nothing touches the repo's
-data), that the global asset lineage graph shows all six assets, and that a run of
-`ingest_job` launched through the webserver's GraphQL API (as the UI's launchpad does)
-is executed by the instance's run launcher and shows up as a materialized partition of
-`episode_windows`. Screenshots land in test-artifacts/.
+Proves that `make ui` serves within a time limit — also from a shell where an older activated
+venv exported DAGSTER_MODULE_NAME, which used to make `dagster dev` hang — that the global asset
+lineage graph shows all six assets, that the evaluation page shows both plots and its tables
+rendered as tables, and that a run of `ingest_job` launched through the webserver's GraphQL API
+(as the UI's launchpad does) is executed by the daemon and shows up as a materialized partition
+of `episode_windows`. Everything lives in a temporary DAGSTER_HOME, data folders and MLflow
+store; screenshots land in a temporary folder printed by the test.
 
 Skipped when Playwright or Debian's `chromium` is missing (`.ci/run` installs chromium).
 """
@@ -18,15 +19,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
-from conftest import GOOD_NAME, write_episode_file
+from conftest import GOOD_NAME, scripted_actions, write_episode_file
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[dev]')")
 CHROMIUM = shutil.which("chromium")
@@ -34,21 +35,17 @@ if CHROMIUM is None:
     pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts"
 ASSETS = ["raw_episode", "episode_windows", "train_val_split", "lora_adapter", "evaluation_metrics", "registered_model"]
-READY_TIMEOUT_S = 120
+SERVE_TIMEOUT_S = 90  # `make ui` must answer with the code location loaded within this
 RUN_TIMEOUT_S = 180
 UI_TIMEOUT_MS = 30_000
-# Runs start at once without a daemon. The repo's dagster.yaml leaves the default
-# QueuedRunCoordinator, which needs `dagster-daemon` (as `dagster dev` starts).
-RUN_COORDINATOR = "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
 
 
-class Webserver:
-    """A `dagster-webserver` subprocess in its own process group, with its log file."""
+class MakeUI:
+    """`make ui` in its own process group (make, dagster dev, webserver, daemon, code servers)."""
 
     def __init__(self, home: Path, port: int):
-        self.home, self.url, self.log = home, f"http://127.0.0.1:{port}", home / "webserver.log"
+        self.home, self.url, self.log = home, f"http://127.0.0.1:{port}", home / "make-ui.log"
         env = {
             **os.environ,
             "DAGSTER_HOME": str(home),
@@ -56,19 +53,19 @@ class Webserver:
             "VLA_STORE": str(home / "store.zarr"),
             "VLA_MODELS": str(home / "models"),
             "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-            "PYTHONUNBUFFERED": "1",
+            # What the activate script of earlier releases exported; `make ui` must not pass it on.
+            "DAGSTER_MODULE_NAME": "vla_pipeline.definitions",
         }
-        command = [sys.executable, "-m", "dagster_webserver", "-h", "127.0.0.1", "-p", str(port)]
-        command += ["-m", "vla_pipeline.definitions"]
         with self.log.open("wb") as log:
-            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(["make", "--no-print-directory", "ui", f"UI_PORT={port}"], cwd=REPO,
+                                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
     def fail(self, message: str):
-        pytest.fail(f"{message}\n--- webserver log (tail) ---\n{self.log_tail()}", pytrace=False)
+        pytest.fail(f"{message}\n--- make ui log (tail) ---\n{self.log_tail()}", pytrace=False)
 
     def graphql(self, query: str, **variables) -> dict:
         body = json.dumps({"query": query, "variables": variables}).encode()
@@ -80,9 +77,9 @@ class Webserver:
         return answer["data"]
 
     def stop(self) -> None:
-        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 5)):
             try:
-                os.killpg(self.process.pid, sig)  # the webserver, its code server and run workers
+                os.killpg(self.process.pid, sig)
             except ProcessLookupError:
                 return
             try:
@@ -108,12 +105,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_loaded(server: Webserver) -> str:
-    """Poll until the webserver answers and its one code location is loaded; its name."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def wait_until_served(server: MakeUI) -> str:
+    """Poll until the UI answers with its one code location loaded; its name."""
+    deadline = time.monotonic() + SERVE_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            server.fail(f"dagster-webserver exited with code {server.process.returncode}")
+            server.fail(f"make ui exited with code {server.process.returncode}")
         try:
             entries = server.graphql(LOCATIONS)["workspaceOrError"]["locationEntries"]
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -124,7 +121,7 @@ def wait_until_loaded(server: Webserver) -> str:
             if entry["loadStatus"] == "LOADED":
                 return entry["name"]
         time.sleep(0.5)
-    server.fail(f"code location not loaded within {READY_TIMEOUT_S} s")
+    server.fail(f"make ui did not serve the code location within {SERVE_TIMEOUT_S} s")
 
 
 def shows(scope, text: str) -> None:
@@ -132,23 +129,52 @@ def shows(scope, text: str) -> None:
     sync_api.expect(scope.get_by_text(text, exact=True).filter(visible=True).first).to_be_visible()
 
 
-def save_screenshot(page, name: str, capsys) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ui-screenshots")
+
+
+def save_screenshot(page, folder: Path, name: str, capsys) -> Path:
+    path = folder / name
     page.screenshot(path=str(path), full_page=True)
     with capsys.disabled():
         print(f"\nscreenshot: {path}")
     return path
 
 
+def evaluate_into(home: Path) -> None:
+    """Store, split, a 1-epoch tiny policy and its evaluation, materialized in the UI's instance."""
+    from assets.evaluation import evaluation_metrics
+    from assets.training import lora_adapter, train_val_split
+    from resources import ComputeResource, WindowStoreResource
+    from vla_pipeline.data.ingest import ingest_episodes
+
+    paths = [write_episode_file(home / "ingested" / f"episode_20250614_10150{i}_1box_hori_{side}_core_medium.h5",
+                                actions=scripted_actions(side), seed=i)
+             for i, side in enumerate(["left", "right"] * 3)]
+    ingest_episodes(paths, home / "store.zarr")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"DAGSTER_HOME": home, "VLA_MODELS": home / "models",
+                            "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}.items():
+            patch.setenv(name, str(value))
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            result = dg.materialize(
+                [train_val_split, lora_adapter, evaluation_metrics], instance=instance,
+                resources={"window_store": WindowStoreResource(path=str(home / "store.zarr")), "compute": ComputeResource()},
+                run_config={"ops": {"train_val_split": {"config": {"val_fraction": 0.34}},
+                                    "lora_adapter": {"config": {"model": "tiny", "train": {"epochs": 1}}}}},
+            )
+    assert result.success
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("dagster-ui")
-    config = (REPO / ".dagster" / "dagster.yaml").read_text()
-    (home / "dagster.yaml").write_text(config.rstrip("\n") + "\n" + RUN_COORDINATOR)
-    server = Webserver(home, free_port())
+    shutil.copy(REPO / ".dagster" / "dagster.yaml", home / "dagster.yaml")
+    evaluate_into(home)
+    server = MakeUI(home, free_port())
     try:
-        server.location = wait_until_loaded(server)
+        server.location = wait_until_served(server)
         yield server
     finally:
         server.stop()
@@ -169,7 +195,7 @@ def page():
 def ingest_run(server) -> str:
     """Register one episode file as a partition and launch `ingest_job` for it; the run id.
 
-    Launched before the browser tests so that the run worker's start overlaps them.
+    Launched before the browser tests so that the run's start overlaps them.
     """
     write_episode_file(server.home / "episodes" / f"{GOOD_NAME}.h5")
     repo = {"repositoryLocationName": server.location, "repositoryName": "__repository__"}
@@ -178,8 +204,7 @@ def ingest_run(server) -> str:
         server.fail(f"addDynamicPartition answered {added}")
     params = {
         "selector": {**repo, "pipelineName": "ingest_job"},
-        # Steps in the run's own process: two fewer imports of torch & co. per run.
-        "runConfigData": {"execution": {"config": {"in_process": {}}}},
+        "runConfigData": {},
         "executionMetadata": {"tags": [{"key": "dagster/partition", "value": GOOD_NAME}]},
     }
     launched = server.graphql(LAUNCH, params=params)["launchPipelineExecution"]
@@ -188,7 +213,7 @@ def ingest_run(server) -> str:
     return launched["run"]["runId"]
 
 
-def wait_for_run(server: Webserver, run_id: str) -> str:
+def wait_for_run(server: MakeUI, run_id: str) -> str:
     deadline, status = time.monotonic() + RUN_TIMEOUT_S, "unknown"
     while time.monotonic() < deadline:
         status = server.graphql(RUN_STATUS, id=run_id)["runOrError"]["status"]
@@ -198,7 +223,7 @@ def wait_for_run(server: Webserver, run_id: str) -> str:
     server.fail(f"run {run_id} not finished within {RUN_TIMEOUT_S} s (last status {status})")
 
 
-def test_asset_graph_shows_all_assets(server, page, ingest_run, capsys):
+def test_asset_graph_shows_all_assets(server, page, ingest_run, screenshots, capsys):
     page.goto(f"{server.url}/asset-groups")  # "Lineage" in the side bar: the global asset graph
     graph = page.locator("svg foreignObject")
     shows(graph, "ingest")  # a group box, collapsed or not: the layout is drawn
@@ -208,12 +233,32 @@ def test_asset_graph_shows_all_assets(server, page, ingest_run, capsys):
         for name in ASSETS:
             shows(graph, name)
     finally:
-        save_screenshot(page, "ui-asset-graph.png", capsys)
+        save_screenshot(page, screenshots, "ui-asset-graph.png", capsys)
     for group in ("ingest", "training", "evaluation"):
         shows(graph, group)
 
 
-def test_launched_ingest_run_materializes_the_partition(server, page, ingest_run, capsys):
+def test_evaluation_page_shows_plots_and_tables(server, page, screenshots, capsys):
+    page.set_viewport_size({"width": 1600, "height": 4200})  # the page scrolls inside: a tall window shows it all
+    page.goto(f"{server.url}/assets/evaluation_metrics")
+    try:
+        plots = {alt: page.get_by_role("img", name=alt) for alt in ("predicted vs recorded", "confusion matrix")}
+        for alt, plot in plots.items():
+            sync_api.expect(plot).to_be_visible()
+            # Loaded, not a broken-image icon: the webserver served the PNG.
+            page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=plot.element_handle())
+        # Text that exists only as cells of rendered tables, never as raw markdown.
+        tables = page.locator("table")
+        shows(tables, "baseline: always_forward")
+        shows(tables, "linear_y sign flips")
+        shows(tables, "recorded \\ predicted")
+        assert not page.get_by_text("| predictor |").count(), "a table was left as raw markdown"
+    finally:
+        save_screenshot(page, screenshots, "ui-evaluation.png", capsys)
+        page.set_viewport_size({"width": 1600, "height": 1000})
+
+
+def test_launched_ingest_run_materializes_the_partition(server, page, ingest_run, screenshots, capsys):
     status = wait_for_run(server, ingest_run)
     if status != "SUCCESS":
         server.fail(f"run {ingest_run} ended {status}; see {server.url}/runs/{ingest_run}")
@@ -223,4 +268,4 @@ def test_launched_ingest_run_materializes_the_partition(server, page, ingest_run
         shows(page, "Materialized")
         sync_api.expect(page.get_by_role("link", name=ingest_run[:8])).to_be_visible()
     finally:
-        save_screenshot(page, "ui-run.png", capsys)
+        save_screenshot(page, screenshots, "ui-run.png", capsys)

@@ -12,6 +12,7 @@ from pathlib import Path
 from .data.ingest import episode_files, is_up_to_date
 from .data.schema import parse_scenario
 from .data.store import StoreError, WindowStore
+from .evaluation.gate import CHAMPION, DEFAULT_MODEL_NAME
 
 
 def _episodes_dir(value: str | None) -> Path:
@@ -119,6 +120,9 @@ def episode_rows(store: WindowStore, folder: Path | None) -> list[dict]:
 
 def cmd_episodes(args) -> int:
     store = WindowStore(_store_path())
+    if args.folder and not Path(args.folder).is_dir():
+        print(f"error: {args.folder}: no such folder (the drop folder to look for pending files)", file=sys.stderr)
+        return 2
     try:
         rows = episode_rows(store, _episodes_dir(args.folder))
     except StoreError as error:
@@ -206,14 +210,14 @@ def cmd_model(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     sample = commands.add_parser("sample-episodes", help="write synthetic episodes in the collector's layout")
-    sample.add_argument("out_dir", type=Path)
+    sample.add_argument("out_dir", type=Path, help="folder to write the .h5 files into (created if missing)")
     sample.add_argument("-n", type=int, default=12, help="number of episodes (default 12)")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same episodes (default 0)")
     sample.set_defaults(run=cmd_sample_episodes)
 
     ingest = commands.add_parser("ingest", help="validate and store new or changed episodes, through Dagster")
@@ -222,10 +226,10 @@ def main(argv=None) -> int:
 
     episodes = commands.add_parser("episodes", help="list stored, rejected and pending episodes")
     episodes.add_argument("--json", action="store_true", help="one JSON object per line")
-    episodes.add_argument("--folder", help="episode folder to look for pending files")
+    episodes.add_argument("--folder", help="episode folder to look for pending files (default $VLA_EPISODES_DIR or data/episodes)")
     episodes.set_defaults(run=cmd_episodes)
 
-    champion = "models:/mobile-vla@champion"
+    champion = f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION}"
     predict = commands.add_parser("predict", help="run a registered policy over an episode file, one JSON line per frame")
     predict.add_argument("episode", type=Path, help="episode .h5 file in the collector's layout")
     predict.add_argument("--model-uri", default=champion, help=f"models:/<name>@<alias>, models:/<name>/<version> "
@@ -234,10 +238,14 @@ def main(argv=None) -> int:
     predict.set_defaults(run=cmd_predict)
 
     model = commands.add_parser("model", help="show a registered policy: version, gate decision, metrics vs baselines")
-    model.add_argument("--model-uri", default=champion)
+    model.add_argument("--model-uri", default=champion, help=f"models:/<name>@<alias> or models:/<name>/<version> "
+                       f"(default {champion})")
     model.set_defaults(run=cmd_model)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except BrokenPipeError:  # output piped into `head` and the like
