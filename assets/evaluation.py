@@ -70,7 +70,8 @@ def _evaluate(policy_dir, split: Split, window_store: WindowStoreResource, compu
     from vla_pipeline.evaluation.evaluate import evaluate
 
     policy = _load(policy_dir, compute)
-    return evaluate(policy, window_store.open().path, split.val, _train_mean(policy_dir), dead_band, progress=log)
+    return evaluate(policy, window_store.open().path, split.val, _train_mean(policy_dir), dead_band, progress=log,
+                    train_ids=split.train)
 
 
 @dg.asset(group_name="evaluation", kinds={"mlflow"})
@@ -105,7 +106,9 @@ def evaluation_metrics(
     margin = result["margin"]["first"]
     context.log.info(
         f"direction accuracy {numbers['direction_accuracy_first']:.3f} (first step), "
-        f"{margin['direction_accuracy_margin']:+.3f} over the best baseline ({margin['best_accuracy_baseline']})"
+        f"{margin['direction_accuracy_margin']:+.3f} over the best constant baseline ({margin['best_accuracy_baseline']}), "
+        f"scripted replay {numbers.get('baseline_scripted_replay_direction_accuracy_first', float('nan')):.3f}, "
+        f"instruction flip {numbers.get('instruction_flip_fraction_first', float('nan')):.2f}"
     )
     return dg.Output(
         {"policy_dir": lora_adapter, "val_episodes": split.val, "headline": numbers, "metrics": result},
@@ -114,6 +117,7 @@ def evaluation_metrics(
             "direction_accuracy_all": numbers["direction_accuracy_all"],
             "margin_over_best_baseline": numbers["direction_accuracy_margin_first"],
             "best_baseline": margin["best_accuracy_baseline"],
+            "scripted_replay_accuracy_first": numbers.get("baseline_scripted_replay_direction_accuracy_first", float("nan")),
             "mse_first": numbers["mse_first"],
             "instruction_flip_fraction": numbers.get("instruction_flip_fraction_first", float("nan")),
             "val_episodes": result["episodes"],
@@ -138,6 +142,8 @@ class RegistryConfig(dg.Config):
     model_name: str = Field(default_factory=lambda: os.environ.get("VLA_REGISTERED_MODEL") or gate.DEFAULT_MODEL_NAME)
     min_accuracy_margin: float = Field(
         default=0.05, description="first-step direction accuracy the model must gain over the best constant baseline")
+    require_beating_replay: bool = Field(
+        default=False, description="also require a first-step direction accuracy above the scripted replay's")
 
 
 def _version_tags(numbers: dict, split: Split, lora_adapter: str, snapshot: dict) -> dict[str, str]:
@@ -191,6 +197,8 @@ def registered_model(
     decision = gate.decide_promotion(
         numbers[gate.GATE_METRIC], best, result["baselines"][best]["first"]["direction_accuracy"],
         config.min_accuracy_margin, champion_accuracy, champion.version if champion else None,
+        replay_accuracy=result["scripted_replay"]["first"]["direction_accuracy"]
+        if config.require_beating_replay and result.get("scripted_replay") else None,
     )
 
     store = window_store.open()
@@ -203,7 +211,7 @@ def registered_model(
     if version is None:
         with mlflow.start_run(run_id=run_id, experiment_id=experiment):
             info = registry.log_policy_model(lora_adapter)
-        version = mlflow.register_model(info.model_uri, config.model_name, tags=tags)
+        version = registry.register_version(info, config.model_name, tags)
     else:  # the same trained weights again: re-gate the existing version instead of duplicating it
         context.log.info(f"{config.model_name} v{version.version} already holds this training; updating its gate")
         for key, value in tags.items():

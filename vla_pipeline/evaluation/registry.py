@@ -72,6 +72,20 @@ def log_policy_model(policy_dir: Path | str, tags: dict | None = None):
         )
 
 
+def register_version(info, name: str, tags: dict[str, str]):
+    """A new version of `name` (created if missing) for a logged model; its ModelVersion.
+
+    The client API, not `mlflow.register_model`, which prints its progress to stderr."""
+    registry = client()
+    try:
+        registry.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return registry.create_model_version(name, source=info.model_uri, run_id=info.run_id, tags=tags,
+                                         model_id=info.model_id)
+
+
 # ---------------------------------------------------------------- lookup
 
 
