@@ -207,6 +207,8 @@ def cmd_model(args) -> int:
         row += [f"{key.removeprefix('metric.baseline_').removesuffix(f'_{metric}_first')} {tags[key]}"
                 for key in sorted(tags) if key.startswith("metric.baseline_") and key.endswith(f"_{metric}_first")]
         print(f"{label} (first step, validation): " + " | ".join(row))
+    flip = tags.get("metric.instruction_flip_fraction_first")
+    print(f"instruction flip (left ↔ right swapped, first step): {flip if flip is not None else 'not measured'}")
     return 0
 
 

@@ -29,14 +29,21 @@ def decide_promotion(
     min_margin: float,
     champion_accuracy: float | None = None,
     champion_version: str | None = None,
+    replay_accuracy: float | None = None,
 ) -> PromotionDecision:
     """Champion only if the first-step direction accuracy beats the best constant baseline by
-    more than `min_margin` and is at least the current champion's on the same validation set."""
+    more than `min_margin`, beats the scripted replay when `replay_accuracy` is given (the gate
+    asks for it only when so configured), and is at least the current champion's on the same
+    validation set."""
     margin = accuracy - baseline_accuracy
     against_baseline = (f"first-step direction accuracy {accuracy:.3f}, best constant baseline {best_baseline} "
                         f"{baseline_accuracy:.3f}: margin {margin:+.3f}, required more than {min_margin:+.3f}")
     if not margin > min_margin:
         return PromotionDecision(CHALLENGER, f"{against_baseline}: not met")
+    if replay_accuracy is not None:
+        against_baseline += f"; scripted replay {replay_accuracy:.3f}"
+        if not accuracy > replay_accuracy:
+            return PromotionDecision(CHALLENGER, f"{against_baseline}: not beaten, as required")
     if champion_accuracy is not None and accuracy < champion_accuracy:
         return PromotionDecision(CHALLENGER, (
             f"{against_baseline}: met; but below champion v{champion_version}'s {champion_accuracy:.3f} "

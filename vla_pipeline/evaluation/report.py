@@ -48,13 +48,19 @@ class Table:
 
 def summary_table(result: dict, steps: str = "first") -> Table:
     """Model against the baselines on direction accuracy and errors, for the first step of the
-    chunk (the command sent) or all its steps; the last row is the margin over the best baseline
-    (accuracy gained, MSE saved: positive is better than every baseline)."""
+    chunk (the command sent) or all its steps, with the scripted replay when it was scored; the
+    last rows are the margins over the best constant baseline and over the replay (accuracy
+    gained, MSE saved: positive is better)."""
     contenders = {"model": result["model"], **{f"baseline: {k}": v for k, v in result["baselines"].items()}}
+    if result.get("scripted_replay"):
+        contenders["scripted replay"] = result["scripted_replay"]
     rows = [[name, scored[steps]["direction_accuracy"], scored[steps]["mse"], scored[steps]["mae"]]
             for name, scored in contenders.items()]
     margin = result["margin"][steps]
-    rows.append(["margin over best", margin["direction_accuracy_margin"], margin["mse_margin"], None])
+    rows.append(["margin over best constant", margin["direction_accuracy_margin"], margin["mse_margin"], None])
+    if result.get("margin_over_replay"):
+        rows.append(["margin over replay", result["margin_over_replay"][steps],
+                     result["scripted_replay"][steps]["mse"] - result["model"][steps]["mse"], None])
     return Table(["predictor", "dir. acc", "MSE", "MAE"], rows)
 
 
