@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import dagster as dg
 
 from assets.console import RUN_CONFIG
-from assets.episodes import episode_partitions, episode_windows, raw_episode
+from assets.episodes import episode_partitions, episode_windows, raw_episode, register_partitions
 from assets.evaluation import evaluation_metrics, registered_model
 from assets.training import lora_adapter, train_val_split
 from resources import EpisodeFolder, WindowStoreResource
@@ -55,16 +55,23 @@ def new_episodes_sensor(context: dg.SensorEvaluationContext, episode_folder: Epi
                         window_store: WindowStoreResource):
     """Watches the drop folder (VLA_EPISODES_DIR): adds a partition per new episode file and
     ingests new and replaced files once they stop changing, in one run per contiguous batch.
-    Files still being written wait; deleted files are reported."""
+    Files still being written, and quiet files that do not read as complete HDF5 yet (a
+    stalled copy), wait; deleted files are reported."""
+    store = window_store.open()
+
+    def pending(path):  # a stored file is never pending: no need to open it
+        return None if is_up_to_date(store, path, window_store.rules) else episode_folder.pending_reason(path)
+
     try:
-        scan = scan_folder(episode_folder.path, FolderState.from_json(context.cursor), episode_folder.settle_seconds)
+        scan = scan_folder(episode_folder.path, FolderState.from_json(context.cursor), episode_folder.settle_seconds,
+                           pending=pending)
     except FileNotFoundError as error:
         return dg.SkipReason(str(error))
-    store = window_store.open()
     due = [path.stem for path in scan.due if not is_up_to_date(store, path, window_store.rules)]
-    known = context.instance.get_dynamic_partitions(episode_partitions.name)
-    new = [key for key in due if key not in set(known)]
-    ordered = list(known) + new
+    # Added here rather than as a request to the daemon: a concurrent `vla-pipeline ingest` may
+    # be adding the same keys, which register_partitions tolerates.
+    new = register_partitions(context.instance, due)
+    ordered = context.instance.get_dynamic_partitions(episode_partitions.name)
     fingerprint = hashlib.sha256(scan.state.to_json().encode()).hexdigest()[:12]
     runs = [
         dg.RunRequest(run_key=f"{first}..{last}@{fingerprint}", tags={RANGE_START: first, RANGE_END: last},
@@ -74,14 +81,13 @@ def new_episodes_sensor(context: dg.SensorEvaluationContext, episode_folder: Epi
     events = [
         dg.AssetObservation(asset_key=raw_episode.key, partition=stem,
                             metadata={"status": "source file deleted", "source_file": f"{episode_folder.path}/{stem}.h5"})
-        for stem in scan.deleted if stem in set(known)
+        for stem in scan.deleted if stem in set(ordered)
     ]
     for stem in scan.deleted:
         context.log.warning(f"{stem}.h5 was deleted from {episode_folder.path}; its stored copy is kept")
     context.log.info(f"{episode_folder.path}: {scan.summary()}; {len(due)} to ingest ({len(new)} new partitions)")
     return dg.SensorResult(
         run_requests=runs,
-        dynamic_partitions_requests=[episode_partitions.build_add_request(new)] if new else [],
         asset_events=events,
         cursor=scan.state.to_json(),
         skip_reason=None if runs else f"nothing to ingest: {scan.summary()}",

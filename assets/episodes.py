@@ -6,7 +6,11 @@ cost once. Metadata and check results are still recorded per partition.
 """
 
 
+import time
+from collections.abc import Sequence
+
 import dagster as dg
+from sqlalchemy.exc import IntegrityError, OperationalError
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,  # not exported at the top level in 1.13
 )
@@ -17,6 +21,30 @@ from vla_pipeline.data.episodes import EpisodeRejected, inspect_episode
 from vla_pipeline.data.ingest import ingest_episodes
 
 episode_partitions = dg.DynamicPartitionsDefinition(name="episodes")
+
+
+def register_partitions(instance: dg.DagsterInstance, episode_ids: Sequence[str]) -> list[str]:
+    """Add the missing episode partitions; the ones this call added.
+
+    Idempotent and safe against a concurrent add of the same keys (another `vla-pipeline
+    ingest`, the sensor): Dagster's add reads, then inserts, so a key added in between fails
+    the insert; the add is then retried with what is still missing."""
+    for attempt in range(5):
+        known = set(instance.get_dynamic_partitions(episode_partitions.name))
+        missing = [key for key in dict.fromkeys(episode_ids) if key not in known]
+        if not missing:
+            return []
+        try:
+            instance.add_dynamic_partitions(episode_partitions.name, missing)
+            return missing
+        except IntegrityError:  # someone added some of them meanwhile
+            continue
+        except OperationalError as error:  # sqlite: another writer holds the database
+            if "locked" not in str(error):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise dg.DagsterError(f"could not register {len(episode_ids)} episode partitions: others kept adding them")
+
 
 RAW_VALID = "episode_is_valid"
 STORE_SCHEMA = "stored_schema"

@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from vla_pipeline.data.episodes import ValidationRules
+from vla_pipeline.data.pending import DEFAULT_MAX_PENDING_SECONDS, pending_reason
 from vla_pipeline.data.schema import IMAGE_SIZE
 from vla_pipeline.data.store import WindowStore
 
@@ -22,6 +23,13 @@ class EpisodeFolder(dg.ConfigurableResource):
 
     path: str = "data/episodes"
     settle_seconds: float = 2.0  # a file must keep its size and mtime this long to count as complete
+    # A quiet file that does not read as complete HDF5 (or that a writer holds) waits this long
+    # before it is ingested anyway, and rejected with its reason.
+    max_pending_seconds: float = DEFAULT_MAX_PENDING_SECONDS
+
+    def pending_reason(self, path: Path) -> str | None:
+        """Why `path` must still wait before ingest (a stalled or unfinished copy), or None."""
+        return pending_reason(path, self.max_pending_seconds)
 
     def file_for(self, episode_id: str) -> Path:
         return Path(self.path) / f"{episode_id}.h5"

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 from .data.ingest import episode_files, is_up_to_date
+from .data.locks import exclusive
+from .data.pending import DEFAULT_MAX_PENDING_SECONDS, pending_reason
 from .data.schema import parse_scenario
 from .data.store import StoreError, WindowStore
 from .evaluation.gate import CHAMPION, DEFAULT_MODEL_NAME
@@ -56,14 +58,21 @@ def cmd_ingest(args) -> int:
 
     from .definitions import ingest_partitions, resource
 
-    window_store = resource("window_store")
+    window_store, episode_folder = resource("window_store"), resource("episode_folder")
     store = window_store.open()
-    pending = [f for f in files if not is_up_to_date(store, f, window_store.rules)]
-    print(f"{folder}: {len(files)} episode file(s), {len(files) - len(pending)} already ingested, "
-          f"{len(pending)} to ingest")
+    new = [f for f in files if not is_up_to_date(store, f, window_store.rules)]
+    unfinished = {f.stem: reason for f in new if (reason := episode_folder.pending_reason(f))}
+    pending = [f for f in new if f.stem not in unfinished]
+    print(f"{folder}: {len(files)} episode file(s), {len(files) - len(new)} already ingested, "
+          f"{len(pending)} to ingest" + (f", {len(unfinished)} still pending" if unfinished else ""))
+    for episode_id, reason in unfinished.items():
+        print(f"  pending {episode_id}: {reason}; taken once complete (rejected if still so after "
+              f"{episode_folder.max_pending_seconds:.0f} s unchanged)")
     if not pending:
         return 0
-    instance = dg.DagsterInstance.get()
+    # A new instance creates its sqlite tables on first use; two processes doing so at once collide.
+    with exclusive(Path(os.environ["DAGSTER_HOME"]) / ".vla-instance.lock", "setting up the Dagster instance", print):
+        instance = dg.DagsterInstance.get()
     results = ingest_partitions(
         instance,
         [path.stem for path in pending],
@@ -83,8 +92,9 @@ def cmd_ingest(args) -> int:
     return 0
 
 
-def episode_rows(store: WindowStore, folder: Path | None) -> list[dict]:
-    """Every known episode: stored, rejected, or present in the folder but not yet ingested."""
+def episode_rows(store: WindowStore, folder: Path | None, max_pending_seconds: float | None = None) -> list[dict]:
+    """Every known episode: stored, rejected, or present in the folder but not yet ingested
+    (with why it waits, when it is an unfinished copy)."""
     rows = {}
     for episode_id in store.episode_ids():
         attrs = store.episode_attrs(episode_id)
@@ -112,9 +122,11 @@ def episode_rows(store: WindowStore, folder: Path | None) -> list[dict]:
         }
     if folder is not None and folder.is_dir():
         for path in episode_files(folder):
-            rows.setdefault(
-                path.stem, {"episode_id": path.stem, "status": "pending", "reason": "not ingested yet", "frames": None}
-            )
+            if path.stem in rows:
+                continue
+            unfinished = pending_reason(path, max_pending_seconds) if max_pending_seconds is not None else None
+            rows[path.stem] = {"episode_id": path.stem, "status": "pending", "frames": None,
+                               "reason": f"still being copied: {unfinished}" if unfinished else "not ingested yet"}
     return [rows[key] for key in sorted(rows)]
 
 
@@ -124,7 +136,7 @@ def cmd_episodes(args) -> int:
         print(f"error: {args.folder}: no such folder (the drop folder to look for pending files)", file=sys.stderr)
         return 2
     try:
-        rows = episode_rows(store, _episodes_dir(args.folder))
+        rows = episode_rows(store, _episodes_dir(args.folder), DEFAULT_MAX_PENDING_SECONDS)
     except StoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

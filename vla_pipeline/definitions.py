@@ -14,7 +14,7 @@ from assets.automation import (
 )
 from assets.console import console_logger
 from assets.evaluation import evaluation_metrics, registered_model
-from assets.episodes import episode_partitions, episode_windows, raw_episode
+from assets.episodes import episode_partitions, episode_windows, raw_episode, register_partitions
 from assets.training import lora_adapter, train_val_split
 from resources import ComputeResource, EpisodeFolder, WindowStoreResource
 from resources.storage import env_or
@@ -52,10 +52,7 @@ def ingest_partitions(
 
     `folder` overrides the episode folder resource for these runs (recorded in their config).
     """
-    known = set(instance.get_dynamic_partitions(episode_partitions.name))
-    new = [key for key in episode_ids if key not in known]
-    if new:
-        instance.add_dynamic_partitions(episode_partitions.name, new)
+    register_partitions(instance, episode_ids)
     ordered = instance.get_dynamic_partitions(episode_partitions.name)
     job = defs.resolve_job_def("ingest_job")
     results = []

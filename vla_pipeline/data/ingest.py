@@ -1,8 +1,14 @@
-"""From HDF5 files to the window store: one episode at a time, or a batch on several processes."""
+"""From HDF5 files to the window store: one episode at a time, or a batch on several processes.
+
+A batch holds the store's writer lock (`WindowStore.writer_lock`): overlapping ingests of the
+same store run one after the other, and the later one finds the episodes the first stored
+unchanged. Worker processes end on their own when the process that started them is gone.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -130,9 +136,11 @@ def ingest_episodes(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[IngestOutcome]:
-    """Ingest many episodes; `workers` > 1 spreads them over processes. Order is kept."""
+    """Ingest many episodes; `workers` > 1 spreads them over processes. Order is kept.
+
+    Waits (saying so through `progress`) while another process writes into the same store."""
     paths = [Path(p) for p in paths]
-    WindowStore(store_path).create(image_size)
+    store = WindowStore(store_path).create(image_size)
     report = progress or (lambda line: None)
     outcomes: list[IngestOutcome] = []
 
@@ -140,11 +148,13 @@ def ingest_episodes(
         outcomes.append(outcome)
         report(f"[{len(outcomes)}/{len(paths)}] {outcome.line()}")
 
-    if workers <= 1 or len(paths) <= 1:
-        for path in paths:
-            record(ingest_episode(path, store_path, rules, image_size, force))
-        return outcomes
-    return _ingest_in_parallel(paths, workers, record, ingest_episode, store_path, rules, image_size, force)
+    with store.writer_lock(waiting=report):
+        store.clear_staging()  # the lock is ours: whatever is staged was left by a killed writer
+        if workers <= 1 or len(paths) <= 1:
+            for path in paths:
+                record(ingest_episode(path, store_path, rules, image_size, force))
+            return outcomes
+        return _ingest_in_parallel(paths, workers, record, ingest_episode, store_path, rules, image_size, force)
 
 
 def _ingest_in_parallel(paths: list[Path], workers: int, record, job, *args) -> list[IngestOutcome]:
@@ -182,7 +192,8 @@ def _ingest_in_parallel(paths: list[Path], workers: int, record, job, *args) -> 
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
-        with ProcessPoolExecutor(processes, mp_context=context, initializer=_one_thread) as pool:
+        with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                                 initargs=(os.getpid(),)) as pool:
             for _ in range(processes):
                 feed(pool)
             while (index := take()) is not None:
@@ -198,6 +209,19 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else 0
 
 
-def _one_thread() -> None:
+def _start_worker(batch_pid: int) -> None:
     # Each worker owns one core; OpenCV's own thread pool would only oversubscribe it.
     cv2.setNumThreads(1)
+    threading.Thread(target=_exit_when_gone, args=(batch_pid,), daemon=True, name="batch-watch").start()
+
+
+def _exit_when_gone(batch_pid: int, every_s: float = 0.5) -> None:
+    """End this worker once the process that runs the batch is gone (killed, say). A forkserver
+    worker is not its child, and it holds the pipes it waits on open itself, so nothing else
+    would ever tell it; the forkserver ends in turn once its last worker has."""
+    while True:
+        time.sleep(every_s)
+        try:
+            os.kill(batch_pid, 0)
+        except (ProcessLookupError, PermissionError):  # gone (its pid reused by another user's process)
+            os._exit(1)

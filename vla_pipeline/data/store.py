@@ -10,9 +10,12 @@ Layout (Zarr v3):
         event_types  (T,) string
       quarantine/<episode_id>.json  rejected episodes: reason and source hash
       .staging/                     episodes being written; never read
+      .writer.lock                  held by the process writing into the store, and who it is
 
 An episode is written whole under .staging/ and renamed into episodes/, so a crash
-mid-write leaves nothing half-visible.
+mid-write leaves nothing half-visible. Writers take the store's lock (`writer_lock`), so
+ingests that overlap run one after the other; the lock goes with its process, also when
+that process is killed.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from .locks import exclusive
 from .stats import ActionStats
 
 LAYOUT_VERSION = 1
@@ -63,11 +68,19 @@ class WindowStore:
         self._clear_stale_staging()
         return self
 
-    def _clear_stale_staging(self) -> None:
+    def writer_lock(self, waiting: Callable[[str], None] | None = None):
+        """Hold the store's write lock: other writers wait (`waiting` hears who they wait for)."""
+        return exclusive(self.path / ".writer.lock", f"writing into {self.path}", waiting)
+
+    def _clear_stale_staging(self, max_age_s: float = STAGING_MAX_AGE_S) -> None:
         now = time.time()
         for leftover in self.staging_dir.iterdir():
-            if now - leftover.stat().st_mtime > STAGING_MAX_AGE_S:
+            if now - leftover.stat().st_mtime > max_age_s:
                 shutil.rmtree(leftover, ignore_errors=True)
+
+    def clear_staging(self) -> None:
+        """Remove every leftover of interrupted writes; call with the writer lock held."""
+        self._clear_stale_staging(max_age_s=-1)
 
     # --- reading -----------------------------------------------------------------
 

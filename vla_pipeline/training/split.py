@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -211,6 +212,7 @@ def load_split(store: WindowStore) -> Split | None:
 
 
 def save_split(store: WindowStore, split: Split) -> None:
-    temporary = split_path(store).with_suffix(".json.tmp")
+    """Atomically: a reader sees the old split or the new one, also with two savers at once."""
+    temporary = split_path(store).with_name(f".split.{uuid.uuid4().hex}.tmp")
     temporary.write_text(json.dumps(split.to_dict(), indent=1))
     os.replace(temporary, split_path(store))
