@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import dagster as dg
 import pytest
 from conftest import scripted_actions, write_episode_file
 

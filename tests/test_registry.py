@@ -17,6 +17,7 @@ from assets.evaluation import evaluation_metrics, registered_model
 from resources import ComputeResource, WindowStoreResource
 from vla_pipeline import cli
 from vla_pipeline.evaluation import registry
+from vla_pipeline.evaluation.gate import decide_promotion
 from vla_pipeline.data.ingest import ingest_episodes
 from vla_pipeline.policy.model import build_policy, save_policy
 from vla_pipeline.policy.policy_config import PolicyConfig
@@ -27,18 +28,18 @@ NAME = "mobile-vla-test"
 
 
 def test_gate_needs_a_margin_over_the_best_baseline():
-    decision = registry.decide_promotion(0.60, "always_forward", 0.58, min_margin=0.05)
+    decision = decide_promotion(0.60, "always_forward", 0.58, min_margin=0.05)
     assert decision.alias == "challenger" and "always_forward 0.580" in decision.reason
     assert "margin +0.020, required more than +0.050: not met" in decision.reason
-    assert registry.decide_promotion(0.70, "always_forward", 0.58, min_margin=0.05).promoted
-    assert not registry.decide_promotion(0.58, "always_forward", 0.58, min_margin=0.0).promoted  # a tie is no win
+    assert decide_promotion(0.70, "always_forward", 0.58, min_margin=0.05).promoted
+    assert not decide_promotion(0.58, "always_forward", 0.58, min_margin=0.0).promoted  # a tie is no win
 
 
 def test_gate_needs_at_least_the_champion_on_the_same_validation_set():
-    worse = registry.decide_promotion(0.70, "zero", 0.2, 0.05, champion_accuracy=0.75, champion_version="3")
+    worse = decide_promotion(0.70, "zero", 0.2, 0.05, champion_accuracy=0.75, champion_version="3")
     assert worse.alias == "challenger" and "champion v3" in worse.reason
-    assert registry.decide_promotion(0.75, "zero", 0.2, 0.05, champion_accuracy=0.75, champion_version="3").promoted
-    first = registry.decide_promotion(0.75, "zero", 0.2, 0.05)
+    assert decide_promotion(0.75, "zero", 0.2, 0.05, champion_accuracy=0.75, champion_version="3").promoted
+    first = decide_promotion(0.75, "zero", 0.2, 0.05)
     assert first.promoted and "no champion" in first.reason
 
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import h5py
 import numpy as np
 import pytest
 from conftest import write_episode_file

@@ -11,19 +11,28 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import write_episode_file
 
 from vla_pipeline.data.ingest import ingest_episodes
 from vla_pipeline.policy.model import load_policy_dir
 from vla_pipeline.policy.policy_config import PolicyConfig
-from vla_pipeline.training.train import CHECKPOINT, STATE_FILE, TrainConfig, train
+from vla_pipeline.training.checkpoint import STATE_JSON
+from vla_pipeline.training.train import CHECKPOINT, TrainConfig, train
 
 TRAIN_SCRIPT = """
 import json, sys
+args = json.loads(sys.argv[1])
+if args.get("no_pickle"):  # a resume must not unpickle anything from disk
+    import pickle, torch
+    def refuse(*a, **k):
+        raise AssertionError("pickle loading is disabled")
+    pickle.load = pickle.loads = torch.load = refuse
+    class NoUnpickler:
+        def __init__(self, *a, **k):
+            refuse()
+    pickle.Unpickler = NoUnpickler
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.training.train import TrainConfig, train
-args = json.loads(sys.argv[1])
 result = train(PolicyConfig.tiny(), TrainConfig(**args["train"]), args["store"], args["train_ids"],
                args["val_ids"], args["out"], log=lambda line: print(line, flush=True))
 print("RESULT", json.dumps({"steps": result.steps, "resumed_from": result.resumed_from_step}), flush=True)
@@ -68,10 +77,10 @@ def test_no_training_windows_is_a_clear_error(small_store, tmp_path):
         train(PolicyConfig.tiny(), TrainConfig(epochs=1), store, [], val_ids, tmp_path, log=lambda line: None)
 
 
-def _launch(small_store, out: Path, config: dict) -> subprocess.Popen:
+def _launch(small_store, out: Path, config: dict, no_pickle: bool = False) -> subprocess.Popen:
     store, train_ids, val_ids = small_store
     payload = json.dumps({"store": str(store), "train_ids": train_ids, "val_ids": val_ids, "out": str(out),
-                          "train": config})
+                          "train": config, "no_pickle": no_pickle})
     return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, payload], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
 
@@ -80,16 +89,19 @@ def test_resumes_after_kill(small_store, tmp_path):
     config = {"epochs": 2, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 2, "log_every": 1}
     out = tmp_path / "run"
     first = _launch(small_store, out, config)
-    state_file = out / CHECKPOINT / STATE_FILE
+    state_file = out / CHECKPOINT / STATE_JSON
     deadline = time.monotonic() + 240
     while not state_file.is_file() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     first.send_signal(signal.SIGKILL)  # a crash, not a clean stop
     first.wait()
     assert state_file.is_file(), first.stdout.read()
-    killed_at = torch.load(state_file, weights_only=False)["step"]
+    killed_at = json.loads(state_file.read_text())["progress"]["step"]
+    if (out / "policy").exists():  # what a kill left visible is whole
+        load_policy_dir(out / "policy")
+    load_policy_dir(out / CHECKPOINT / "policy")
 
-    second = _launch(small_store, out, config)
+    second = _launch(small_store, out, config, no_pickle=True)
     output, _ = second.communicate(timeout=300)
     assert second.returncode == 0, output
     result = json.loads(output.split("RESULT ", 1)[1])
@@ -98,3 +110,4 @@ def test_resumes_after_kill(small_store, tmp_path):
     assert f"resumed from step {result['resumed_from']}" in output
     assert result["resumed_from"] >= killed_at and result["steps"] == total
     assert not any(line.startswith(f"step {killed_at - 1}/") for line in output.splitlines())
+    assert not list(out.glob(".*.tmp")), "a killed write's leftovers outlived the next run"

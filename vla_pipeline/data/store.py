@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .atomic import replace_directory
 from .locks import exclusive
 from .stats import ActionStats
 
@@ -159,18 +160,8 @@ class WindowStore:
                 "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
         )
-        self._publish(staging, self.episodes_dir / episode_id)
+        replace_directory(staging, self.episodes_dir / episode_id, trash=self.staging_dir)
         self._remove_file(self.quarantine_dir / f"{episode_id}.json")
-
-    def _publish(self, staging: Path, final: Path) -> None:
-        if final.exists():
-            # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            retired = self.staging_dir / f"{final.name}.retired.{uuid.uuid4().hex}"
-            os.replace(final, retired)
-            os.replace(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, final)
 
     def quarantine(self, episode_id: str, record: dict) -> None:
         """Record a rejected episode and withdraw any earlier stored version of it."""

@@ -23,7 +23,6 @@ from ..policy.model import load_policy_dir
 from ..policy.policy_config import CONFIG_FILE, read_policy_config
 from ..policy.serving import StreamingPolicy
 from ..training.tracking import mlflow_client, tracking_uri
-from .gate import CHALLENGER, CHAMPION, DEFAULT_MODEL_NAME, GATE_METRIC, PromotionDecision, decide_promotion
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

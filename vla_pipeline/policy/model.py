@@ -16,7 +16,6 @@ Batch for `MobileVLAPolicy.forward` (B windows of W frames):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile

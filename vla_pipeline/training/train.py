@@ -3,7 +3,8 @@
 accelerate handles device placement, mixed precision, gradient accumulation and
 multi-GPU (`accelerate launch` / torchrun); the rest is plain PyTorch. Checkpoints hold
 only what trains (adapter, action token, head, trained backbone parts) plus the
-optimizer, scheduler and position, so a killed run resumes where it stopped.
+optimizer, scheduler and position, so a killed run resumes where it stopped
+(`checkpoint.py`: safetensors and JSON, swapped in whole).
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import get_cosine_schedule_with_warmup
 
+from .checkpoint import PICKLED_STATE, has_checkpoint, load_checkpoint, publish_policy, save_checkpoint
 from .compute import ComputePlan, plan_compute
-from ..policy.model import build_policy, load_policy_dir, save_policy, trainable_parameters
+from ..policy.model import build_policy, trainable_parameters
 from ..policy.policy_config import ACTION_STATS_FILE, PolicyConfig
 from ..data.schema import ACTION_DIMS
 from ..data.store import WindowStore
 from .windows import WindowDataset, make_loader
 
 CHECKPOINT = "checkpoint"
-STATE_FILE = "trainer_state.pt"
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ def train(
     started = time.perf_counter()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in output_dir.glob(".*.tmp"):  # the half-written checkpoint or policy of a killed run
+        shutil.rmtree(leftover, ignore_errors=True)
     compute = compute or plan_compute()
     log(compute.note)
     accelerator = Accelerator(
@@ -142,36 +145,18 @@ def train(
     # Resume: the trained weights, optimizer, schedule and position of the last checkpoint.
     step, epoch, batches_done, best_val, history = 0, 0, 0, math.inf, []
     checkpoint = output_dir / CHECKPOINT
-    if (checkpoint / STATE_FILE).is_file():
-        state = torch.load(checkpoint / STATE_FILE, weights_only=False)
-        load_policy_dir(checkpoint / "policy", into=accelerator.unwrap_model(policy))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-        best_val, history = state["best_val"], state["history"]
-        torch.set_rng_state(state["torch_rng"])
+    if has_checkpoint(checkpoint):
+        progress = load_checkpoint(checkpoint, accelerator.unwrap_model(policy), optimizer, scheduler)
+        step, epoch, batches_done = progress["step"], progress["epoch"], progress["batches_done"]
+        best_val, history = progress["best_val"], progress["history"]
         log(f"resumed from step {step} (epoch {epoch + 1}, batch {batches_done})")
+    elif (checkpoint / PICKLED_STATE).is_file():
+        log(f"{checkpoint} is from an earlier release (pickled trainer state, never loaded): starting over")
     resumed_from = step
 
-    def save_checkpoint() -> None:
-        staging = output_dir / f".{CHECKPOINT}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_policy(accelerator.unwrap_model(policy), staging / "policy")
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "epoch": epoch,
-                "batches_done": batches_done,
-                "best_val": best_val,
-                "history": history,
-                "torch_rng": torch.get_rng_state(),
-            },
-            staging / STATE_FILE,
-        )
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        staging.rename(checkpoint)
+    def checkpoint_now() -> None:
+        save_checkpoint(checkpoint, accelerator.unwrap_model(policy), optimizer, scheduler, {
+            "step": step, "epoch": epoch, "batches_done": batches_done, "best_val": best_val, "history": history})
 
     policy.train()
     window_count, clock = 0, time.perf_counter()
@@ -201,7 +186,7 @@ def train(
                 log(f"step {step}/{total_steps}  loss {running / seen:.4f}  "
                     f"lr {scheduler.get_last_lr()[0]:.2e}  {rate:.1f} windows/s")
             if step % config.checkpoint_every == 0:
-                save_checkpoint()
+                checkpoint_now()
             if step >= total_steps:
                 break
         val_loss = evaluate_loss(policy, val_loader, accelerator) if len(val_set) else math.nan
@@ -212,10 +197,10 @@ def train(
             on_epoch(record)
         if not val_loss > best_val:  # also true for the first epoch and without validation
             best_val = val_loss if not math.isnan(val_loss) else best_val
-            save_policy(accelerator.unwrap_model(policy), output_dir / "policy")
-            (output_dir / "policy" / ACTION_STATS_FILE).write_text(json.dumps(action_stats, indent=1))
+            publish_policy(accelerator.unwrap_model(policy), output_dir / "policy",
+                           {ACTION_STATS_FILE: json.dumps(action_stats, indent=1)})
         epoch, batches_done = epoch + 1, 0
-        save_checkpoint()
+        checkpoint_now()
 
     (output_dir / "training.json").write_text(json.dumps(
         {"train_config": asdict(config), "history": history, "steps": step}, indent=1))
