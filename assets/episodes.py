@@ -10,7 +10,6 @@ import time
 from collections.abc import Sequence
 
 import dagster as dg
-from sqlalchemy.exc import IntegrityError, OperationalError
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,  # not exported at the top level in 1.13
 )
@@ -29,6 +28,8 @@ def register_partitions(instance: dg.DagsterInstance, episode_ids: Sequence[str]
     Idempotent and safe against a concurrent add of the same keys (another `vla-pipeline
     ingest`, the sensor): Dagster's add reads, then inserts, so a key added in between fails
     the insert; the add is then retried with what is still missing."""
+    from sqlalchemy.exc import IntegrityError, OperationalError  # Dagster's storage raises these
+
     for attempt in range(5):
         known = set(instance.get_dynamic_partitions(episode_partitions.name))
         missing = [key for key in dict.fromkeys(episode_ids) if key not in known]
