@@ -54,6 +54,19 @@ def repository_untouched():
     assert not touched, f"tests wrote into the repository: {touched[:10]}"
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL server for the session (tests/postgres_server.py), started by the
+    first test that asks for it; those tests skip, saying why, where PostgreSQL is not installed."""
+    from postgres_server import running_postgres, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with running_postgres() as server:
+        yield server
+
+
 def write_episode_file(
     path: Path,
     *,

@@ -1,5 +1,7 @@
 """The pipeline runs itself: the drop-folder sensor, the split's automation and the retraining
-schedule, evaluated in-process against a temporary Dagster instance (its own DAGSTER_HOME)."""
+schedule, evaluated in-process against a temporary Dagster instance (its own DAGSTER_HOME): once
+on sqlite, as `make ui` runs it, and once on PostgreSQL through deploy/dagster.yaml, as the team
+deployment runs it."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from conftest import write_episode_file
+from postgres_server import deploy_instance
 
 from assets.automation import (
     automation_sensor, contiguous_ranges, ingest_job, new_episodes_sensor, retrain_job, retrain_schedule,
@@ -90,11 +93,16 @@ class Pipeline:
             dg.AssetMaterialization(lora_adapter.key, metadata={"episode_hashes": dg.MetadataValue.json(hashes)}))
 
 
-@pytest.fixture
-def pipeline(tmp_path):
+@pytest.fixture(params=["sqlite", "postgres"])
+def pipeline(request, tmp_path):
+    """On the local instance (sqlite) and on the team deployment's deploy/dagster.yaml (PostgreSQL)."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    with dg.instance_for_test(temp_dir=str(home)) as instance:
+    if request.param == "postgres":
+        opened = deploy_instance(request.getfixturevalue("postgres"), tmp_path)
+    else:
+        opened = dg.instance_for_test(temp_dir=str(home))
+    with opened as instance:
         yield Pipeline(tmp_path, instance)
 
 
