@@ -35,6 +35,8 @@ from ..data.schema import IMAGE_SIZE
 
 TINY_SEED = 0
 TINY_VERSION = 1
+SMALL_SEED = 0
+SMALL_VERSION = 1
 
 
 # ---------------------------------------------------------------- backbone loading
@@ -56,56 +58,102 @@ def _tiny_tokenizer():
     )
 
 
-def build_tiny_backbone():
-    """(Kosmos2Model, Kosmos2Processor): a small Kosmos-2 with a deterministic init.
+# Backbones built in-process from a config (random init, no download), by preset.
+LOCAL_BACKBONES = {
+    # The test/CI backbone: as small as Kosmos-2 gets; never learns the task.
+    "tiny": dict(
+        text=dict(embed_dim=64, layers=2, ffn_dim=128, attention_heads=4, init_std=0.1),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=IMAGE_SIZE, patch_size=16),
+        latent_query_num=8, seed=TINY_SEED, version=TINY_VERSION, image_signal_init=False,
+    ),
+    # The CPU preset: trained in full from scratch in a few minutes on 2 cores
+    # (benchmarks/learn_cpu.py). Its vision tower sees the 224×224 frames area-averaged to 112×112.
+    "small": dict(
+        text=dict(embed_dim=64, layers=2, ffn_dim=128, attention_heads=2, init_std=0.1),
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=112, patch_size=16),
+        latent_query_num=8, seed=SMALL_SEED, version=SMALL_VERSION, image_signal_init=True,
+    ),
+}
+
+
+def build_local_backbone(preset: str):
+    """(Kosmos2Model, Kosmos2Processor) of a LOCAL_BACKBONES preset, with a deterministic init.
 
     The processor's tokenizer gets Kosmos-2's tag tokens (`<image>`, `</image>`, ...) added
     by `Kosmos2Processor` itself, exactly as for the hub checkpoint.
+
+    `image_signal_init`: Kosmos-2's own init leaves a random model blind. The image-to-text
+    projection's keys/values are the image features (unit-normalised, then a Linear with
+    std init_std) next to the latent queries (std 1), so the queries' own values swamp the
+    image's ~50:1 and the action token's feature barely changes from frame to frame; training
+    then sits on the constant-action plateau. Latent queries scaled by 0.1 and the projection's
+    Linear drawn with std 1 give image tokens of unit size per dimension instead.
     """
     from transformers import CLIPImageProcessorPil, Kosmos2Config, Kosmos2Model, Kosmos2Processor
 
+    spec = LOCAL_BACKBONES[preset]
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
     )
     processor = Kosmos2Processor(image_processor, _tiny_tokenizer())
     config = Kosmos2Config(
-        text_config=dict(vocab_size=len(processor.tokenizer), max_position_embeddings=256, embed_dim=64,
-                         layers=2, ffn_dim=128, attention_heads=4, init_std=0.1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=IMAGE_SIZE, patch_size=16),
-        latent_query_num=8,
+        text_config=dict(vocab_size=len(processor.tokenizer), max_position_embeddings=256, **spec["text"]),
+        vision_config=dict(spec["vision"]),
+        latent_query_num=spec["latent_query_num"],
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
+        torch.manual_seed(spec["seed"])
         model = Kosmos2Model(config)
+        if spec["image_signal_init"]:
+            with torch.no_grad():
+                projection = model.image_to_text_projection
+                projection.latent_query.mul_(0.1)
+                projection.dense.weight.normal_(0.0, 1.0)
     return model, processor
 
 
-def save_tiny_backbone(directory) -> Path:
-    """Write the tiny backbone (model + processor) with `save_pretrained`; load it back
+def build_tiny_backbone():
+    """(Kosmos2Model, Kosmos2Processor): the tiny test backbone (`build_local_backbone("tiny")`)."""
+    return build_local_backbone("tiny")
+
+
+def save_local_backbone(directory, preset: str = "tiny") -> Path:
+    """Write a local backbone (model + processor) with `save_pretrained`; load it back
     through the same `from_pretrained` path as the hub checkpoint."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model, processor = build_tiny_backbone()
+    model, processor = build_local_backbone(preset)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
 
 
-def tiny_backbone_dir() -> Path:
-    """The cached tiny backbone ($VLA_TINY_BACKBONE or a folder under the temp dir), built once."""
-    default = Path(tempfile.gettempdir()) / f"vla_pipeline-kosmos2-tiny-v{TINY_VERSION}"
-    target = Path(os.environ.get("VLA_TINY_BACKBONE", default))
+def save_tiny_backbone(directory) -> Path:
+    return save_local_backbone(directory, "tiny")
+
+
+def local_backbone_dir(preset: str = "tiny") -> Path:
+    """The cached backbone of a local preset ($VLA_TINY_BACKBONE / $VLA_SMALL_BACKBONE or a
+    folder under the temp dir), built once."""
+    version = LOCAL_BACKBONES[preset]["version"]
+    default = Path(tempfile.gettempdir()) / f"vla_pipeline-kosmos2-{preset}-v{version}"
+    target = Path(os.environ.get(f"VLA_{preset.upper()}_BACKBONE", default))
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-        save_tiny_backbone(staging)
+        save_local_backbone(staging, preset)
         try:
             os.replace(staging, target)
         except OSError:  # another process got there first
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def tiny_backbone_dir() -> Path:
+    return local_backbone_dir("tiny")
 
 
 def load_backbone(config: PolicyConfig, dtype: torch.dtype | None = None):
@@ -117,8 +165,8 @@ def load_backbone(config: PolicyConfig, dtype: torch.dtype | None = None):
     from transformers.utils import logging as transformers_logging
 
     source = config.backbone
-    if config.preset == "tiny" and not Path(source).is_dir():
-        source = str(tiny_backbone_dir())
+    if config.preset in LOCAL_BACKBONES and not Path(source).is_dir():
+        source = str(local_backbone_dir(config.preset))
     source, options = resolve_backbone(source)
     transformers_logging.disable_progress_bar()  # the pipeline prints its own progress lines
     model = Kosmos2Model.from_pretrained(source, dtype=dtype or torch.float32, **options)
@@ -146,18 +194,43 @@ def lora_target_modules(kosmos: nn.Module, targets: str) -> list[str]:
 
 
 class PolicyHead(nn.Module):
-    """LSTM over per-frame features -> MLP -> tanh -> (B, W, chunk, action_dim)."""
+    """LSTM over per-frame features -> MLP -> actions (B, W, chunk, action_dim) in [-1, 1].
 
-    def __init__(self, in_dim: int, hidden: int, layers: int, chunk: int, action_dim: int):
+    "regression": the MLP emits one value per chunk step and axis, squashed by tanh.
+    "classification": it emits 3 logits per chunk step and axis for the normalised values
+    (-1, 0, +1) (teleop actions are only 0 and ±scale), trained by cross-entropy; the action
+    is the expected value under their softmax (decode "expected") or the most likely value
+    ("argmax").
+    """
+
+    CLASS_VALUES = (-1.0, 0.0, 1.0)
+
+    def __init__(self, in_dim: int, hidden: int, layers: int, chunk: int, action_dim: int,
+                 kind: str = "regression", side_probe: bool = False, decode: str = "expected"):
         super().__init__()
-        self.chunk, self.action_dim = chunk, action_dim
+        self.chunk, self.action_dim, self.kind, self.decode_mode = chunk, action_dim, kind, decode
+        self.outputs_per_action = len(self.CLASS_VALUES) if kind == "classification" else 1
         self.lstm = nn.LSTM(in_dim, hidden, num_layers=layers, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, chunk * action_dim))
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, chunk * action_dim * self.outputs_per_action))
+        # Training only: a linear read-out of the instruction's side from each frame's feature.
+        self.side_probe = nn.Linear(in_dim, 1) if side_probe else None
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def raw(self, features: torch.Tensor) -> torch.Tensor:
+        """Pre-activation outputs: (B, W, chunk, action_dim) or, classifying, (..., 3) logits."""
         batch, window = features.shape[:2]
         out, _ = self.lstm(features.float())
-        return torch.tanh(self.mlp(out)).view(batch, window, self.chunk, self.action_dim)
+        out = self.mlp(out).view(batch, window, self.chunk, self.action_dim, self.outputs_per_action)
+        return out if self.kind == "classification" else out.squeeze(-1)
+
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.kind == "classification":
+            values = raw.new_tensor(self.CLASS_VALUES)
+            return values[raw.argmax(-1)] if self.decode_mode == "argmax" else raw.softmax(-1) @ values
+        return torch.tanh(raw)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.raw(features))
 
 
 def _param_group(name: str) -> str:
@@ -192,7 +265,9 @@ class MobileVLAPolicy(nn.Module):
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
             torch.manual_seed(config.seed)
             self.action_token = nn.Parameter(torch.randn(hidden) * 0.02)
-            self.head = PolicyHead(hidden, config.lstm_hidden, config.lstm_layers, config.chunk, config.action_dim)
+            self.head = PolicyHead(hidden, config.lstm_hidden, config.lstm_layers, config.chunk, config.action_dim,
+                                   config.action_head, side_probe=config.side_loss_weight > 0,
+                                   decode=config.action_decode)
             if config.lora_enable:
                 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -229,8 +304,13 @@ class MobileVLAPolicy(nn.Module):
         # inputs_embeds in place, which must never happen on a leaf that requires grad.
         inputs_embeds = torch.where(slot, self.action_token.to(tokens.dtype), tokens)
         vision_dtype = kosmos.vision_model.model.embeddings.patch_embedding.weight.dtype
+        pixel_values = pixel_values.to(device=device, dtype=vision_dtype)
+        size = int(kosmos.config.vision_config.image_size)
+        if tuple(pixel_values.shape[-2:]) != (size, size):
+            # A vision tower for smaller images (a CPU preset): area-average the 224×224 frames down.
+            pixel_values = F.interpolate(pixel_values, size=(size, size), mode="area")
         out = kosmos(
-            pixel_values=pixel_values.to(device=device, dtype=vision_dtype),
+            pixel_values=pixel_values,
             inputs_embeds=inputs_embeds,
             attention_mask=prompts.attention_mask,
             image_embeds_position_mask=prompts.image_embeds_position_mask,
@@ -256,8 +336,11 @@ class MobileVLAPolicy(nn.Module):
     # -- training and inference ----------------------------------------------------
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """(loss, info): Huber loss over every frame × valid chunk step (shapes: module docstring)."""
-        pred = self.head(self.encode_frames(batch["images"], batch["instructions"]))
+        """(loss, info): Huber loss (regression head) or cross-entropy over the classes -1, 0, +1
+        (classification head) over every frame × valid chunk step (shapes: module docstring)."""
+        features = self.encode_frames(batch["images"], batch["instructions"])
+        raw = self.head.raw(features)
+        pred = self.head.decode(raw)
         target = torch.as_tensor(batch["actions"], device=pred.device, dtype=pred.dtype)
         if target.shape != pred.shape:
             raise ValueError(f"actions must be {tuple(pred.shape)} (B, W, chunk, dims), got {tuple(target.shape)}")
@@ -265,11 +348,28 @@ class MobileVLAPolicy(nn.Module):
         mask = torch.ones(pred.shape[:-1], dtype=torch.bool, device=pred.device) if mask is None else mask
         weight = torch.as_tensor(mask, device=pred.device).to(pred.dtype).unsqueeze(-1).expand_as(pred)
         denom = weight.sum().clamp_min(1.0)
-        huber = F.smooth_l1_loss(pred, target, reduction="none", beta=self.config.huber_delta)
-        loss = (huber * weight).sum() / denom
+        if self.head.kind == "classification":
+            classes = (target.round().clamp(-1, 1) + 1).long()  # -1, 0, +1 -> 0, 1, 2
+            per_step = F.cross_entropy(raw.flatten(0, -2), classes.flatten(), reduction="none").view_as(pred)
+        else:
+            per_step = F.smooth_l1_loss(pred, target, reduction="none", beta=self.config.huber_delta)
+        loss = (per_step * weight).sum() / denom
         with torch.no_grad():
             mae = ((pred - target).abs() * weight).sum() / denom * self.config.action_scale
         info = {"loss": float(loss.detach()), "mae_robot_units": float(mae), "valid_steps": int(weight[..., 0].sum())}
+        sides = batch.get("sides")
+        if self.head.side_probe is not None and sides is not None:
+            # Side supervision: every frame's feature must tell "left" from "right" (the mirrored
+            # side for mirrored windows), so the instruction reaches the action token early on.
+            known = torch.tensor([side in ("left", "right") for side in sides], device=pred.device)
+            if known.any():
+                labels = torch.tensor([float(side == "left") for side in sides], device=pred.device)
+                logits = self.head.side_probe(features.float()).squeeze(-1)  # (B, W)
+                side_loss = F.binary_cross_entropy_with_logits(
+                    logits[known], labels[known, None].expand_as(logits[known]))
+                loss = loss + self.config.side_loss_weight * side_loss
+                info["side_loss"] = float(side_loss.detach())
+                info["loss"] = float(loss.detach())
         return loss, info
 
     @torch.no_grad()

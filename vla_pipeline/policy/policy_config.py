@@ -28,8 +28,10 @@ from typing import Any
 from ..data.schema import ACTION_DIMS, ACTION_SCALE
 
 DEFAULT_BACKBONE = "microsoft/kosmos-2-patch14-224"
-PRESETS = ("full", "tiny")
+PRESETS = ("full", "tiny", "small")
 LORA_TARGETS = ("text", "text+vision", "all-linear")
+ACTION_HEADS = ("regression", "classification")
+ACTION_DECODES = ("expected", "argmax")
 CONFIG_VERSION = 1
 
 # The policy directory: what training writes and serving reads.
@@ -44,9 +46,9 @@ class PolicyConfig:
     """A Kosmos-2 policy with an LSTM policy head (RoboVLMs "policy-head history").
 
     `backbone` is a hub id or a local directory loaded with `from_pretrained`. With
-    preset "tiny" it must be a directory written by `save_tiny_backbone`, or anything else
-    (e.g. the default hub id), in which case the deterministic tiny backbone is built into a
-    cache directory first and loaded from there.
+    preset "tiny" or "small" it must be a directory written by `save_local_backbone`, or
+    anything else (e.g. the default hub id), in which case the preset's deterministic backbone
+    is built into a cache directory first and loaded from there.
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -58,6 +60,15 @@ class PolicyConfig:
     lstm_hidden: int = 512
     lstm_layers: int = 4
     huber_delta: float = 1.0
+    # "regression": tanh outputs, Huber loss; "classification": per chunk step and axis 3 logits
+    # for -1, 0, +1 (× action_scale), cross-entropy loss, the expected value as the action
+    action_head: str = "regression"
+    # > 0: a linear probe must read the instruction's side (left/right) from every frame's
+    # feature during training; its BCE loss, times this weight, joins the action loss
+    side_loss_weight: float = 0.0
+    # classification head only: the action is the softmax's "expected" value, or the "argmax"
+    # class (exactly 0 or ±action_scale, like the teleop keys)
+    action_decode: str = "expected"
     # training setup (RoboVLMs names)
     freeze_backbone: bool = False
     lora_enable: bool = True
@@ -74,6 +85,10 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, not {self.preset!r}")
+        if self.action_head not in ACTION_HEADS:
+            raise ValueError(f"action_head must be one of {ACTION_HEADS}, not {self.action_head!r}")
+        if self.action_decode not in ACTION_DECODES:
+            raise ValueError(f"action_decode must be one of {ACTION_DECODES}, not {self.action_decode!r}")
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(f"lora_targets must be one of {LORA_TARGETS}, not {self.lora_targets!r}")
         for name in ("window", "chunk", "action_dim", "lstm_hidden", "lora_r"):
@@ -87,6 +102,8 @@ class PolicyConfig:
             raise ValueError(f"action_scale must be > 0, not {self.action_scale!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), not {self.lora_dropout!r}")
+        if not self.side_loss_weight >= 0:
+            raise ValueError(f"side_loss_weight must be >= 0, not {self.side_loss_weight!r}")
         if not self.huber_delta > 0:
             raise ValueError(f"huber_delta must be > 0, not {self.huber_delta!r}")
 
@@ -96,6 +113,19 @@ class PolicyConfig:
         values: dict[str, Any] = dict(
             preset="tiny", backbone="tiny", window=3, chunk=2, lstm_hidden=32, lstm_layers=1, lora_r=4,
             lora_alpha=8, lora_dropout=0.0,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def small(cls, **overrides: Any) -> PolicyConfig:
+        """The CPU preset: a small random Kosmos-2 trained in full (LoRA on random weights is
+        meaningless), classification head; learns the task in minutes on 2 cores with
+        `TrainConfig.small()` (benchmarks/learn_cpu.py has the measurements)."""
+        values: dict[str, Any] = dict(
+            preset="small", backbone="small", window=8, chunk=1, lstm_hidden=64, lstm_layers=1,
+            action_head="classification", side_loss_weight=0.5, lora_enable=False, train_vision=True,
+            train_text_embedding=True,
         )
         values.update(overrides)
         return cls(**values)

@@ -50,6 +50,14 @@ class TrainConfig:
     mirror_prob: float = 0.5
     colour_jitter: float = 0.1
 
+    @classmethod
+    def small(cls, **overrides) -> TrainConfig:
+        """Training for `PolicyConfig.small()` on a CPU (benchmarks/learn_cpu.py): high lr for a
+        small model trained from scratch, 60 warm-up steps."""
+        values = dict(epochs=20, batch_size=8, grad_accum=1, lr=2e-3, warmup_steps=60)
+        values.update(overrides)
+        return cls(**values)
+
 
 @dataclass
 class TrainResult:
@@ -71,6 +79,7 @@ def _to_model_batch(batch: dict) -> dict:
         "instructions": list(batch["instruction"]),
         "actions": batch["actions"],
         "action_mask": batch["action_mask"],
+        "sides": list(batch.get("side") or []) or None,
     }
 
 
