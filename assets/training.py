@@ -77,10 +77,15 @@ def train_val_split(context: dg.AssetExecutionContext, config: SplitConfig, wind
     )
 
 
+CPU_PRESET_NAMES = ("tiny", "small")  # VLA_MODEL values that train the CPU preset
+
+
 class TrainingConfig(dg.Config):
-    """`model`: "tiny" (built in-process, no download), a hub id or a local directory.
-    `policy` and `train` override fields of PolicyConfig and TrainConfig by name, e.g.
-    policy: {"lora_r": 64, "train_vision": false}, train: {"epochs": 5, "lr": 5e-5}."""
+    """`model`: "tiny" (or "small": the CPU preset, built in-process, no download), a hub id or
+    a local directory. `policy` and `train` override fields of PolicyConfig and TrainConfig by
+    name, e.g. policy: {"lora_r": 64, "train_vision": false}, train: {"epochs": 5, "lr": 5e-5}.
+    The CPU preset starts from its own setup (PolicyConfig.small, TrainConfig.small): a small
+    backbone trained in full from scratch, not LoRA on a pretrained one."""
 
     model: str = Field(default_factory=lambda: os.environ.get("VLA_MODEL") or DEFAULT_BACKBONE)
     policy: dict[str, Any] = {}
@@ -91,13 +96,26 @@ class TrainingConfig(dg.Config):
         from vla_pipeline.training.train import TrainConfig
 
         try:
-            if self.model == "tiny":
-                policy = PolicyConfig.tiny(**self.policy)
-            else:
-                policy = PolicyConfig(backbone=self.model, **self.policy)
-            return policy, TrainConfig(**self.train)
+            if self.model in CPU_PRESET_NAMES:
+                return PolicyConfig.small(**self.policy), TrainConfig.small(**self.train)
+            return PolicyConfig(backbone=self.model, **self.policy), TrainConfig(**self.train)
         except (TypeError, ValueError) as error:
             raise dg.Failure(f"training config: {error}") from error
+
+
+def setup_line(policy: PolicyConfig, train) -> str:
+    """What trains and how, in one line for the run log and MLflow."""
+    if policy.lora_enable:
+        what = f"LoRA r{policy.lora_r} ({policy.lora_targets}) on a frozen backbone"
+    elif policy.freeze_backbone:
+        what = "frozen backbone"
+    else:
+        what = "the whole backbone, from its initial weights"
+    head = f"{policy.action_head} head" + (f" ({policy.action_decode})" if policy.action_head == "classification" else "")
+    extras = f", side probe ×{policy.side_loss_weight}" if policy.side_loss_weight else ""
+    return (f"{what}; {head}{extras}; window {policy.window}, chunk {policy.chunk}; {train.epochs} epochs, "
+            f"batch {train.batch_size} × {train.grad_accum}, lr {train.lr:g}, warm-up {train.warmup_steps} steps"
+            + (" (the CPU preset's own setup, not the full-size default)" if policy.preset == "small" else ""))
 
 
 def _models_dir() -> Path:
@@ -134,6 +152,7 @@ def lora_adapter(
     ).hexdigest()[:12]
     output_dir = _models_dir() / f"lora-{fingerprint}"
     context.log.info(f"training {policy_config.backbone} ({policy_config.preset}) into {output_dir}")
+    context.log.info(f"setup: {setup_line(policy_config, train_config)}")
 
     experiment = experiment_id()
     run_file = output_dir / RUN_ID_FILE
@@ -160,7 +179,8 @@ def lora_adapter(
         mlflow.log_metrics({"best_val_loss": result.best_val_loss, "trainable_parameters": result.parameters["trainable"]})
         mlflow.log_artifacts(str(output_dir / "policy"), "policy")
         mlflow.log_artifact(str(output_dir / "training.json"))
-        mlflow.set_tags({"device": result.device, "precision": result.precision, **snapshot})
+        mlflow.set_tags({"device": result.device, "precision": result.precision,
+                         "setup": setup_line(policy_config, train_config), **snapshot})
     return dg.Output(
         str((output_dir / "policy").resolve()),
         metadata={

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from vla_pipeline.data.ingest import episode_files, ingest_episodes
-from vla_pipeline.policy.model import build_policy, build_tiny_backbone, trainable_parameters
+from vla_pipeline.policy.backbone import build_tiny_backbone
+from vla_pipeline.policy.model import build_policy, trainable_parameters
 from vla_pipeline.policy.policy_config import DEFAULT_BACKBONE, PolicyConfig
 from vla_pipeline.policy.preprocess import encode_prompts
 from vla_pipeline.data.schema import INSTRUCTION_TEMPLATE

@@ -121,7 +121,7 @@ def episode_dir(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone_path(tmp_path_factory) -> Path:
     """A tiny Kosmos-2 written with save_pretrained, loaded back through from_pretrained."""
-    from vla_pipeline.policy.model import save_tiny_backbone
+    from vla_pipeline.policy.backbone import save_tiny_backbone
 
     return save_tiny_backbone(tmp_path_factory.mktemp("kosmos2-tiny"))
 

@@ -61,21 +61,21 @@ def cue_store(folder: Path, count: int, first_seed: int, rules: ValidationRules)
     return store, sorted(p.stem for p in paths)
 
 
+LEARNABILITY_EPOCHS = 6  # of the preset's 20: the cues are plain
+
+
 @pytest.fixture(scope="module")
-def learned(tmp_path_factory, tiny_backbone_path):
+def learned(tmp_path_factory):
     root = tmp_path_factory.mktemp("learnability")
-    policy_config = PolicyConfig.tiny(backbone=str(tiny_backbone_path))
+    policy_config = PolicyConfig.small()
     rules = ValidationRules(window=policy_config.window, chunk=policy_config.chunk)
     train_store, train_ids = cue_store(root / "train", TRAIN_EPISODES, 0, rules)
     held_store, held_ids = cue_store(root / "held", HELD_OUT_EPISODES, 1000, rules)
-    train_config = replace(TrainConfig.for_preset("tiny"), epochs=LEARNABILITY_EPOCHS)
-    result = train(policy_config, train_config, train_store, train_ids, [], root / "run")
+    train_config = replace(TrainConfig.small(), epochs=LEARNABILITY_EPOCHS)
+    result = train(policy_config, train_config, train_store, train_ids, [], root / "run", log=lambda line: None)
     policy = load_policy_dir(result.output_dir / "policy")
     mean = json.loads((result.output_dir / "policy" / ACTION_STATS_FILE).read_text())["mean"]
     return result, evaluate(policy, held_store, held_ids, mean).metrics
-
-
-LEARNABILITY_EPOCHS = 6
 
 
 def test_training_fits_the_time_budget(learned):

@@ -100,14 +100,21 @@ def test_margin_is_measured_against_the_best_baseline():
     assert margin["direction_accuracy_margin"] == pytest.approx(0.75 - 0.75)
 
 
-def test_instruction_sensitivity_counts_sign_flips_and_mean_change():
-    lateral = np.array([[1.0, 1.0], [1.0, -1.0], [-0.5, 0.0], [0.0, 0.0]])
-    swapped = np.array([[-1.0, -1.0], [1.0, 1.0], [-0.5, 0.0], [0.4, 0.0]])
-    result = metrics.instruction_sensitivity(lateral, swapped)
-    assert result["flip_fraction_first"] == pytest.approx(1 / 4)  # only row 0 (0 → 0.4 is no flip)
-    assert result["flip_fraction_all"] == pytest.approx(3 / 8)
-    assert result["mean_abs_change_first"] == pytest.approx((2 + 0 + 0 + 0.4) / 4)
-    assert metrics.instruction_sensitivity(np.zeros((0, 2)), np.zeros((0, 2))) == {"predictions": 0}
+def test_instruction_sensitivity_counts_flips_among_strafing_predictions():
+    # dead band 0.3 × 1.0: |linear_y| > 0.3 strafes
+    lateral = np.array([[1.0, 1.0], [1.0, -1.0], [-0.5, 0.0], [0.0, 0.0], [0.1, 0.0]])
+    swapped = np.array([[-1.0, -1.0], [1.0, 1.0], [-0.5, 0.0], [0.4, 0.0], [-0.1, 0.0]])
+    result = metrics.instruction_sensitivity(lateral, swapped, action_scale=1.0)
+    # first step: rows 0-3 strafe with one instruction or both; only row 0 flips; row 4 never strafes
+    assert result["lateral_predictions_first"] == 4
+    assert result["flip_fraction_first"] == pytest.approx(1 / 4)
+    # all steps: 6 strafing (rows 0 and 1 twice, rows 2 and 3 once), flipped: row 0 twice, row 1's second step
+    assert result["lateral_predictions_all"] == 6
+    assert result["flip_fraction_all"] == pytest.approx(3 / 6)
+    assert result["mean_abs_change_first"] == pytest.approx((2 + 0 + 0 + 0.4 + 0.2) / 5)
+    never = metrics.instruction_sensitivity(np.zeros((3, 1)), np.zeros((3, 1)), action_scale=1.0)
+    assert never["flip_fraction_first"] == 0.0 and never["lateral_predictions_first"] == 0
+    assert metrics.instruction_sensitivity(np.zeros((0, 2)), np.zeros((0, 2)), 1.0) == {"predictions": 0}
 
 
 def test_breakdown_per_group():

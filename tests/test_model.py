@@ -8,17 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from vla_pipeline.policy.backbone import build_tiny_backbone, load_backbone, save_tiny_backbone
 from vla_pipeline.policy.model import (
     ADAPTER_DIR,
     WEIGHTS_FILE,
     MobileVLAPolicy,
     build_policy,
-    build_tiny_backbone,
-    load_backbone,
     load_policy_dir,
     lora_target_modules,
     save_policy,
-    save_tiny_backbone,
     trainable_breakdown,
     trainable_parameters,
 )

@@ -48,7 +48,7 @@ def test_falls_back_to_the_side_then_to_everything_then_to_stop(replay):
 
 
 def test_predicts_chunks_like_the_evaluation_targets(replay):
-    chunks = replay.predict("left", "close", frames=4, chunk=2)
+    chunks = replay.predict("left", "close", frames=range(4), chunk=2)
     assert chunks.shape == (4, 2, 2)
     np.testing.assert_array_equal(chunks[:, 0], keys(S, W, A, W))
     np.testing.assert_array_equal(chunks[:, 1], keys(W, A, W, W))

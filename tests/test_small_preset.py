@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vla_pipeline.data.schema import ACTION_SCALE, INSTRUCTION_TEMPLATE
-from vla_pipeline.policy.model import build_local_backbone, build_policy, load_policy_dir, save_local_backbone, save_policy
+from vla_pipeline.policy.backbone import build_local_backbone, save_local_backbone
+from vla_pipeline.policy.model import build_policy, load_policy_dir, save_policy
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.policy.serving import sliding_window_actions
 

@@ -16,6 +16,7 @@ from vla_pipeline.training.windows import (
     HDF5WindowDataset,
     WindowDataset,
     action_chunks,
+    commanded,
     collate_windows,
     make_loader,
     mirror_instruction,
@@ -58,7 +59,9 @@ def test_length_and_item_format(store):
     assert item["images"].shape == (W, 224, 224, 3) and item["images"].dtype == torch.uint8
     assert item["actions"].shape == (W, C, 2) and item["actions"].dtype == torch.float32
     assert item["action_mask"].shape == (W, C) and item["action_mask"].dtype == torch.bool
-    assert item["action_mask"].all()
+    # Every step is a command but frame 0's: the episode_start frame's zero action is no key press.
+    assert not item["action_mask"][0, 0] and item["action_mask"].sum() == W * C - 1
+    assert data[1]["action_mask"].all()
     assert (item["episode_id"], item["start"], item["side"]) == (GOOD_NAME, 0, "left")
     assert isinstance(item["instruction"], str) and "left" in item["instruction"]
     assert data[len(data) - 1]["side"] == "right"
@@ -94,6 +97,13 @@ def test_mask_marks_missing_steps_at_an_episode_end():
     assert actions[2, 3].tolist() == [0.0, 0.0] and (actions[mask] == 1.0).all()
     clipped, _ = action_chunks(np.full((6, 2), -2.0, np.float32), 3, 4, 1.15)
     assert clipped.min() == -1.0
+
+
+def test_mask_leaves_out_the_episode_start_frame():
+    raw = np.full((6, 2), 1.15, np.float32)
+    _, mask = action_chunks(raw, window=3, chunk=4, scale=1.15, is_command=commanded(
+        ["episode_start", "start_action", "start_action", "stop_action", "start_action", "start_action"]))
+    assert mask.tolist() == [[False, True, True, True], [True] * 4, [True] * 4]  # a manual stop is a command
 
 
 def test_mirror_instruction():

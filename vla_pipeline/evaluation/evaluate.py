@@ -3,7 +3,8 @@
 Every frame a training window would cover (frames 0 … last window start + W - 1) is
 predicted once, from the window of up to W frames that ends at it: the prediction the robot
 gets from `StreamingPolicy.step` at that frame. Its target is the recorded chunk
-actions[t … t+C-1] in robot units. The constant baselines and, given the training episodes,
+actions[t … t+C-1] in robot units. The `episode_start` frame is predicted but not scored: its
+zero action is no key press (training leaves it out too). The constant baselines and, given the training episodes,
 the scripted replay (`replay.py`) are scored on the same targets, and left/right episodes are
 predicted a second time with "left" and "right" swapped in the instruction.
 """
@@ -26,7 +27,7 @@ from ..data.schema import ACTION_DIMS, window_starts
 from ..policy.serving import sliding_window_actions
 from ..training.split import EpisodeEntry
 from ..data.store import WindowStore
-from ..training.windows import mirror_instruction
+from ..training.windows import commanded, mirror_instruction
 
 ENCODE_BATCH = 8  # frames per backbone call
 
@@ -37,6 +38,7 @@ class EpisodePredictions:
     side: str | None
     scenario: str | None
     instruction: str
+    frames: np.ndarray  # (N,) the frame index of each scored prediction
     pred: np.ndarray  # (N, C, 2) robot units
     true: np.ndarray  # (N, C, 2) robot units
     pred_swapped: np.ndarray | None = None  # with left/right swapped in the instruction
@@ -78,15 +80,16 @@ def predict_episode(policy: MobileVLAPolicy, store: WindowStore, episode_id: str
     frames = starts[-1] + config.window
     images = np.asarray(group["images"][:frames])
     actions = np.asarray(group["actions"][: frames + config.chunk - 1, :2], np.float32)
-    steps = np.arange(frames)[:, None] + np.arange(config.chunk)[None, :]
+    scored = np.flatnonzero(commanded(group["event_types"][:frames]))
+    steps = scored[:, None] + np.arange(config.chunk)[None, :]
     entry = EpisodeEntry.from_attrs(episode_id, attrs)
     result = EpisodePredictions(
         episode_id=episode_id, side=entry.side, scenario=entry.scenario_group, instruction=attrs["instruction"],
-        pred=predict_frames(policy, images, attrs["instruction"]), true=actions[steps],
+        frames=scored, pred=predict_frames(policy, images, attrs["instruction"])[scored], true=actions[steps],
     )
     swapped = mirror_instruction(attrs["instruction"])
     if swap_sides and entry.side in ("left", "right") and swapped != attrs["instruction"]:
-        result.pred_swapped = predict_frames(policy, images, swapped)
+        result.pred_swapped = predict_frames(policy, images, swapped)[scored]
     return result
 
 
@@ -127,7 +130,7 @@ def evaluate(
     if train_ids:
         replayer = ScriptedReplay.from_store(store, train_ids)
         chunk = policy.config.chunk
-        replayed = np.concatenate([replayer.predict(*course(store.episode_attrs(e.episode_id)), len(e.pred), chunk)
+        replayed = np.concatenate([replayer.predict(*course(store.episode_attrs(e.episode_id)), e.frames, chunk)
                                    for e in episodes])
         replay = metrics.score(replayed, true, scale, dead_band)
     result = {
@@ -147,6 +150,7 @@ def evaluate(
         "instruction_sensitivity": metrics.instruction_sensitivity(
             np.concatenate([e.pred[..., 1] for e in swapped]) if swapped else np.zeros((0, 1)),
             np.concatenate([e.pred_swapped[..., 1] for e in swapped]) if swapped else np.zeros((0, 1)),
+            scale, dead_band,
         ),
         "by_side": metrics.breakdown(pred, true, _labels(episodes, "side"), scale, dead_band),
         "by_scenario": metrics.breakdown(pred, true, _labels(episodes, "scenario"), scale, dead_band),

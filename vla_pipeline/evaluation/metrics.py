@@ -118,15 +118,26 @@ def margins(model: dict, baselines: Mapping[str, dict]) -> dict:
     return out
 
 
-def instruction_sensitivity(lateral: np.ndarray, lateral_swapped: np.ndarray) -> dict:
-    """How the predicted linear_y (N, C) reacts to swapping "left" and "right" in the instruction:
-    the fraction of predictions whose sign flips and the mean absolute change (robot units)."""
+def instruction_sensitivity(lateral: np.ndarray, lateral_swapped: np.ndarray, action_scale: float,
+                            dead_band: float = DEFAULT_DEAD_BAND) -> dict:
+    """How the predicted linear_y (N, C) reacts to swapping "left" and "right" in the instruction.
+
+    `flip_fraction`: of the predictions that strafe (|linear_y| beyond the dead band) with either
+    instruction, the share that strafe with both and to opposite sides. Frames where the policy
+    rightly does not strafe (forward, stop) say nothing about the instruction and are left out;
+    a policy that never strafes scores 0. `mean_abs_change`: of linear_y, over all predictions
+    (robot units)."""
     lateral, lateral_swapped = np.asarray(lateral, np.float64), np.asarray(lateral_swapped, np.float64)
     if lateral.size == 0:
         return {"predictions": 0}
+    threshold = dead_band * action_scale
     out = {"predictions": int(lateral.shape[0])}
     for steps, (a, b) in {"first": (lateral[:, :1], lateral_swapped[:, :1]), "all": (lateral, lateral_swapped)}.items():
-        out[f"flip_fraction_{steps}"] = float((a * b < 0).mean())
+        strafing, strafing_swapped = np.abs(a) > threshold, np.abs(b) > threshold
+        either = strafing | strafing_swapped
+        flipped = strafing & strafing_swapped & (a * b < 0)
+        out[f"lateral_predictions_{steps}"] = int(either.sum())
+        out[f"flip_fraction_{steps}"] = float(flipped.sum() / either.sum()) if either.any() else 0.0
         out[f"mean_abs_change_{steps}"] = float(np.abs(b - a).mean())
     return out
 

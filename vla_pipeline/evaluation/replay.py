@@ -76,9 +76,9 @@ class ScriptedReplay:
                 return table[t]
         return np.zeros(2, np.float32)
 
-    def predict(self, side: str | None, distance: str | None, frames: int, chunk: int) -> np.ndarray:
-        """(frames, chunk, 2): the replayed chunk at each of the episode's first `frames` frames."""
-        return np.stack([[self.action(side, distance, t + c) for c in range(chunk)] for t in range(frames)])
+    def predict(self, side: str | None, distance: str | None, frames: Sequence[int], chunk: int) -> np.ndarray:
+        """(len(frames), chunk, 2): the replayed chunk at each of the given frame indices."""
+        return np.stack([[self.action(side, distance, t + c) for c in range(chunk)] for t in frames])
 
 
 def course(attrs) -> tuple[str | None, str | None]:

@@ -124,8 +124,8 @@ def plot_predictions(evaluation: Evaluation, path: Path) -> Path:
     fig, axes = plt.subplots(len(episodes), 2, figsize=(5.2, 2.0 * len(episodes)), squeeze=False, sharey=True)
     for row, episode in zip(axes, episodes):
         for dim, ax in enumerate(row):
-            ax.step(range(len(episode.true)), episode.true[:, 0, dim], where="mid", label="recorded", color="black")
-            ax.plot(episode.pred[:, 0, dim], marker="o", markersize=3, label="predicted", color="tab:orange")
+            ax.step(episode.frames, episode.true[:, 0, dim], where="mid", label="recorded", color="black")
+            ax.plot(episode.frames, episode.pred[:, 0, dim], marker="o", markersize=3, label="predicted", color="tab:orange")
             ax.set_title(f"{episode.episode_id.removeprefix('episode_')[:32]} · {ACTION_DIMS[dim]}", fontsize=7)
             ax.axhline(0, color="grey", linewidth=0.5)
     axes[0][0].legend(fontsize=7)

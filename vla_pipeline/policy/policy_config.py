@@ -119,13 +119,14 @@ class PolicyConfig:
 
     @classmethod
     def small(cls, **overrides: Any) -> PolicyConfig:
-        """The CPU preset: a small random Kosmos-2 trained in full (LoRA on random weights is
-        meaningless), classification head; learns the task in minutes on 2 cores with
-        `TrainConfig.small()` (benchmarks/learn_cpu.py has the measurements)."""
+        """The CPU preset (`VLA_MODEL=tiny` or `small`): a small random Kosmos-2 trained in full —
+        LoRA on random weights learns nothing — with a classification head, the side probe and
+        the most likely class as the action; learns the task in about two minutes on 2 cores with
+        `TrainConfig.small()` (benchmarks/learning.py measures it)."""
         values: dict[str, Any] = dict(
             preset="small", backbone="small", window=8, chunk=1, lstm_hidden=64, lstm_layers=1,
-            action_head="classification", side_loss_weight=0.5, lora_enable=False, train_vision=True,
-            train_text_embedding=True,
+            action_head="classification", side_loss_weight=0.5, action_decode="argmax", lora_enable=False,
+            train_vision=True, train_text_embedding=True,
         )
         values.update(overrides)
         return cls(**values)

@@ -48,13 +48,23 @@ def mirror_instruction(text: str) -> str:
     return _SIDE_WORD.sub(swap, text)
 
 
-def action_chunks(raw: np.ndarray, window: int, chunk: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+def commanded(event_types) -> np.ndarray:
+    """Which recorded steps are commands: all but the `episode_start` frame, whose zero action
+    is no key press (its image is the one the first key press is taken from)."""
+    return np.array([str(event) != "episode_start" for event in event_types], bool)
+
+
+def action_chunks(raw: np.ndarray, window: int, chunk: int, scale: float,
+                  is_command: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(W, C, 2) normalised chunks and their (W, C) mask from raw actions[start : start+W+C-1].
 
-    `raw` may be shorter at an episode's end: missing steps are zero and masked out.
+    `raw` may be shorter at an episode's end: missing steps are zero and masked out, as are the
+    steps `is_command` (aligned with `raw`) marks as no command.
     """
     steps = np.arange(window)[:, None] + np.arange(chunk)[None, :]
     mask = steps < len(raw)
+    if is_command is not None:
+        mask &= np.pad(np.asarray(is_command, bool), (0, window + chunk - 1 - len(is_command)))[steps]
     padded = np.zeros((window + chunk - 1, 2), np.float32)
     padded[: len(raw)] = normalise_actions(np.asarray(raw, np.float32)[:, :2], scale).numpy()
     return padded[steps], mask
@@ -74,8 +84,8 @@ def colour_jitter(images: np.ndarray, brightness: float, contrast: float, satura
     return cv2.transform(flat, np.hstack([matrix, offset])).reshape(images.shape)
 
 
-def _item(images, raw_actions, window, chunk, scale, instruction, episode_id, start, side) -> dict:
-    actions, mask = action_chunks(raw_actions, window, chunk, scale)
+def _item(images, raw_actions, is_command, window, chunk, scale, instruction, episode_id, start, side) -> dict:
+    actions, mask = action_chunks(raw_actions, window, chunk, scale, is_command)
     return {
         "images": torch.from_numpy(np.ascontiguousarray(images)),
         "actions": torch.from_numpy(actions),
@@ -126,16 +136,17 @@ class WindowDataset(Dataset):
             self._arrays, self._pid = {}, os.getpid()
         if episode_id not in self._arrays:
             group = WindowStore(self.store_path).open_episode(episode_id)
-            self._arrays[episode_id] = (group["images"], group["actions"])
+            self._arrays[episode_id] = (group["images"], group["actions"], commanded(group["event_types"][:]))
         return self._arrays[episode_id]
 
     def __getitem__(self, index: int) -> dict:
         episode_id, start = self.index[index]
         instruction, side, _ = self.meta[episode_id]
-        images, actions = self._episode_arrays(episode_id)
+        images, actions, is_command = self._episode_arrays(episode_id)
         W, C = self.window, self.chunk
         frames = images[start : start + W]
         raw = actions[start : start + W + C - 1]
+        is_command = is_command[start : start + W + C - 1]
         if self.train:
             rng = np.random.default_rng((self.seed, int(self._epoch), index))
             mirror = rng.random() < self.mirror_prob
@@ -148,7 +159,7 @@ class WindowDataset(Dataset):
                 raw[:, 1] = 0.0 - raw[:, 1]  # 0.0 - x: no -0.0 for a zero linear_y
                 instruction = mirror_instruction(instruction)
                 side = _OTHER_SIDE.get(side, side)
-        return _item(frames, raw, W, C, self.action_scale, instruction, episode_id, start, side)
+        return _item(frames, raw, is_command, W, C, self.action_scale, instruction, episode_id, start, side)
 
 
 def collate_windows(items: list[dict]) -> dict:
@@ -198,7 +209,7 @@ class HDF5WindowDataset(Dataset):
             # digest given: the reference loader never hashes files.
             header = inspect_episode(path, ValidationRules(window, chunk), digest="-")
             self.episodes[header.episode_id] = (path, header.image_dataset, header.colour_order,
-                                                header.instruction, header.side)
+                                                header.instruction, header.side, commanded(header.event_types))
             self.index += [(header.episode_id, s) for s in window_starts(header.num_frames, window, chunk)]
 
     def __len__(self) -> int:
@@ -206,7 +217,7 @@ class HDF5WindowDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         episode_id, start = self.index[index]
-        path, dataset, order, instruction, side = self.episodes[episode_id]
+        path, dataset, order, instruction, side, is_command = self.episodes[episode_id]
         W, C, size = self.window, self.chunk, self.image_size
         with h5py.File(path, "r") as h5:
             source = h5[dataset][start : start + W]
@@ -214,4 +225,5 @@ class HDF5WindowDataset(Dataset):
         frames = np.empty((len(source), size, size, 3), np.uint8)
         for i, frame in enumerate(source):
             frames[i] = model_frame(frame, order, size)
-        return _item(frames, raw, W, C, self.action_scale, instruction, episode_id, start, side)
+        return _item(frames, raw, is_command[start : start + W + C - 1], W, C, self.action_scale, instruction,
+                     episode_id, start, side)
