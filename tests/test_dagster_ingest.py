@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,12 @@ def batch(tmp_path_factory) -> Batch:
     data = source.read_bytes()
     (folder / f"{good[3]}_truncated.h5").write_bytes(data[: int(len(data) * 0.3)])
     (folder / "notes.txt").write_text("not an episode; must be ignored\n")
+    # Left there for an hour: older than `max_pending_seconds`, so no copy can still be under
+    # way and they are rejected rather than kept pending.
+    an_hour_ago = time.time() - 3600
+    for name in ("episode_20250614_000000_empty.h5", "episode_20250614_000001_notes_export.h5",
+                 f"{good[3]}_truncated.h5"):
+        os.utime(folder / name, (an_hour_ago, an_hour_ago))
     broken = {
         "episode_20250614_000000_empty": ("empty", "0 bytes"),
         "episode_20250614_000001_notes_export": ("not an hdf5",),

@@ -12,6 +12,7 @@ from conftest import GOOD_NAME, write_episode_file
 from vla_pipeline.data.episodes import ValidationRules
 from vla_pipeline.data.ingest import episode_files, ingest_episode, ingest_episodes, is_up_to_date
 from vla_pipeline.data.stats import ActionStats
+from vla_pipeline.data import store as store_module
 from vla_pipeline.data.store import StoreError, WindowStore
 
 
@@ -90,7 +91,7 @@ def test_crash_mid_write_leaves_no_half_episode(episode_dir, store, monkeypatch)
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(WindowStore, "_publish", crash)
+    monkeypatch.setattr(store_module, "replace_directory", crash)
     with pytest.raises(KeyboardInterrupt):
         ingest_episode(path, store.path)
     assert store.episode_ids() == [] and not store.has_episode(GOOD_NAME)
