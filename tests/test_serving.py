@@ -126,3 +126,53 @@ def test_evaluation_targets_are_the_recorded_chunks(tiny_backbone_path, store):
     np.testing.assert_array_equal(episode.true[:, 1], recorded[2:17])
     assert np.abs(episode.pred).max() <= ACTION_SCALE + 1e-6
     assert episode.pred_swapped is not None  # left/right episodes are also run with the sides swapped
+
+
+def test_prompts_are_tokenised_once_per_instruction(policy, raw_frames, monkeypatch):
+    import vla_pipeline.policy.model as model_module
+
+    calls = []
+    original = model_module.encode_prompts
+    monkeypatch.setattr(model_module, "encode_prompts", lambda *a, **k: calls.append(1) or original(*a, **k))
+    policy._prompts.clear()
+    stream = StreamingPolicy(policy, compiled=False)
+    for frame in raw_frames:
+        stream.step(frame, LEFT)
+    assert len(calls) == 1
+
+
+def test_a_compiled_backbone_that_fails_falls_back_to_eager(policy, raw_frames, monkeypatch):
+    reference = StreamingPolicy(policy, compiled=False)
+    expected = [reference.step(frame, LEFT) for frame in raw_frames[:3]]
+
+    def broken_compile(module, **options):
+        def run(*args, **kwargs):
+            raise RuntimeError("no CUDA graphs here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    stream = StreamingPolicy(policy, compiled=True)
+    assert stream.metadata["compiled"] is True
+    got = [stream.step(frame, LEFT) for frame in raw_frames[:3]]
+    assert stream.metadata["compiled"] is False and "no CUDA graphs here" in stream.metadata["compile_error"]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert policy.backbone_call is None
+
+
+def test_a_compiled_backbone_gives_the_same_actions(policy, raw_frames, monkeypatch):
+    reference = StreamingPolicy(policy, compiled=False)
+    expected = [reference.step(frame, LEFT) for frame in raw_frames[:3]]
+    compiled_calls = []
+
+    def tracing_compile(module, **options):
+        assert options == {"mode": "reduce-overhead", "dynamic": False}
+        return lambda *a, **k: compiled_calls.append(1) or module(*a, **k)
+
+    monkeypatch.setattr(torch, "compile", tracing_compile)
+    stream = StreamingPolicy(policy, compiled=True)
+    try:
+        got = [stream.step(frame, LEFT) for frame in raw_frames[:3]]
+    finally:
+        policy.backbone_call = None
+    assert len(compiled_calls) == 3 and stream.metadata["compiled"] is True
+    np.testing.assert_allclose(got, expected, atol=1e-6)

@@ -197,6 +197,8 @@ def cmd_predict(args) -> int:
                     "actions": [[round(float(v), 4) for v in step] for step in chunk],
                     "direction": DIRECTIONS[int(direction_classes(chunk[0], policy.config.action_scale))],
                     "recorded": [round(float(v), 4) for v in header.actions[frame_index, :2]],
+                    # episode_start: the recorded zero action is no key press, so evaluation skips it
+                    "event": header.event_types[frame_index],
                 }), flush=True)
     return 0
 
@@ -219,8 +221,32 @@ def cmd_model(args) -> int:
         row += [f"{key.removeprefix('metric.baseline_').removesuffix(f'_{metric}_first')} {tags[key]}"
                 for key in sorted(tags) if key.startswith("metric.baseline_") and key.endswith(f"_{metric}_first")]
         print(f"{label} (first step, validation): " + " | ".join(row))
-    flip = tags.get("metric.instruction_flip_fraction_first")
-    print(f"instruction flip (left ↔ right swapped, first step): {flip if flip is not None else 'not measured'}")
+    margin = tags.get("metric.direction_accuracy_margin_first")
+    if margin is not None:
+        print(f"margin over the best constant baseline (first step): {float(margin):+.4f}")
+    flip, strafing = tags.get("metric.instruction_flip_fraction_first"), tags.get("metric.instruction_lateral_predictions_first")
+    print("instruction flip (left ↔ right swapped, first step): " + (
+        f"{flip} of {float(strafing):.0f} strafing predictions" if flip is not None and strafing is not None
+        else flip or "not measured"))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .evaluation.registry import ModelLookupError, policy_directory
+    from .policy.bundle import export_bundle
+
+    try:
+        directory, _ = policy_directory(args.model_uri)
+    except ModelLookupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.out_dir.exists() and any(args.out_dir.iterdir()) and not (args.out_dir / "bundle.json").is_file():
+        print(f"error: {args.out_dir} exists and is not a bundle: choose an empty or new folder", file=sys.stderr)
+        return 2
+    out = export_bundle(directory, args.out_dir, args.dtype, source=args.model_uri)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"{args.model_uri} → {out} ({args.dtype}, {size / 2**20:.1f} MiB): on the robot, "
+          f"`from vla_pipeline.policy.serving import load_bundle; policy = load_bundle('{out}')`")
     return 0
 
 
@@ -255,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model-uri", default=champion, help=f"models:/<name>@<alias> or models:/<name>/<version> "
                        f"(default {champion})")
     model.set_defaults(run=cmd_model)
+    export = commands.add_parser("export", help="write a self-contained deploy bundle (LoRA merged) of a policy")
+    export.add_argument("model_uri", help="models:/<name>@<alias>, models:/<name>/<version> or a policy directory")
+    export.add_argument("out_dir", type=Path, help="the bundle folder to write (replaced if it is a bundle)")
+    export.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
+                        help="the weights' precision (default fp16, as on the Jetson); merging happens in fp32")
+    export.set_defaults(run=cmd_export)
     return parser
 
 

@@ -150,19 +150,25 @@ def policy_dir_of(version, destination: Path | str | None = None) -> Path:
     return found[0]
 
 
+def policy_directory(uri: str | Path) -> tuple[Path, dict]:
+    """(local policy directory, what it is) for a registry URI (`models:/mobile-vla@champion`,
+    `models:/mobile-vla/3`) or a policy directory; ModelLookupError when it leads to none."""
+    meta = {"uri": str(uri)}
+    if str(uri).startswith("models:/"):
+        version = resolve_version(str(uri))
+        meta.update(name=version.name, version=version.version, run_id=version.run_id, tags=dict(version.tags))
+        return policy_dir_of(version), meta
+    directory = Path(uri)
+    if not (directory / CONFIG_FILE).is_file():
+        raise ModelLookupError(f"{directory}: not a policy directory (no {CONFIG_FILE}); "
+                               "give a models:/<name>@<alias> URI or a lora_adapter output folder")
+    return directory, meta
+
+
 def load_policy(uri: str | Path, colour_order: str = "BGR", backbone: str | None = None, dtype=None) -> StreamingPolicy:
     """A StreamingPolicy from a registry URI (`models:/mobile-vla@champion`) or a policy directory.
 
     `backbone` overrides where the Kosmos-2 weights come from (a hub id or a local directory).
     """
-    meta = {"uri": str(uri)}
-    if str(uri).startswith("models:/"):
-        version = resolve_version(str(uri))
-        directory = policy_dir_of(version)
-        meta.update(name=version.name, version=version.version, run_id=version.run_id, tags=dict(version.tags))
-    else:
-        directory = Path(uri)
-        if not (directory / CONFIG_FILE).is_file():
-            raise ModelLookupError(f"{directory}: not a policy directory (no {CONFIG_FILE}); "
-                                   "give a models:/<name>@<alias> URI or a lora_adapter output folder")
+    directory, meta = policy_directory(uri)
     return StreamingPolicy(load_policy_dir(directory, backbone_override=backbone, dtype=dtype), colour_order, meta)

@@ -136,6 +136,8 @@ class MobileVLAPolicy(nn.Module):
                     )
                     backbone = get_peft_model(backbone, lora)
         self.backbone = backbone
+        self._prompts: dict = {}  # (instructions, device) -> PromptBatch: each prompt tokenised once
+        self.backbone_call = None  # a compiled backbone (`compile_backbone`), else the module itself
         if config.gradient_checkpointing:
             self.kosmos.activation_checkpointing_enable()
         apply_trainability(self)
@@ -152,7 +154,7 @@ class MobileVLAPolicy(nn.Module):
         if len(instructions) != len(pixel_values):
             raise ValueError(f"{len(pixel_values)} frames but {len(instructions)} instructions")
         device = self.action_token.device
-        prompts = encode_prompts(self.tokenizer, list(instructions), self.num_image_tokens).to(device)
+        prompts = self.prompt_batch(tuple(instructions), device)
         kosmos = self.kosmos
         tokens = kosmos.get_input_embeddings()(prompts.input_ids)
         slot = F.one_hot(prompts.action_index, tokens.shape[1]).bool().unsqueeze(-1)
@@ -165,7 +167,7 @@ class MobileVLAPolicy(nn.Module):
         if tuple(pixel_values.shape[-2:]) != (size, size):
             # A vision tower for smaller images (a CPU preset): area-average the 224×224 frames down.
             pixel_values = F.interpolate(pixel_values, size=(size, size), mode="area")
-        out = kosmos(
+        out = (self.backbone_call or kosmos)(
             pixel_values=pixel_values,
             inputs_embeds=inputs_embeds,
             attention_mask=prompts.attention_mask,
@@ -175,6 +177,20 @@ class MobileVLAPolicy(nn.Module):
         )
         rows = torch.arange(len(pixel_values), device=device)
         return out.last_hidden_state[rows, prompts.action_index].float()
+
+    def prompt_batch(self, instructions: tuple[str, ...], device):
+        """The tokenised prompts of `instructions` on `device`, built once and kept (bounded)."""
+        key = (instructions, str(device))
+        if key not in self._prompts:
+            if len(self._prompts) >= 512:
+                self._prompts.clear()
+            self._prompts[key] = encode_prompts(self.tokenizer, list(instructions), self.num_image_tokens).to(device)
+        return self._prompts[key]
+
+    def compile_backbone(self) -> None:
+        """Run the backbone through `torch.compile(mode="reduce-overhead")`: on a GPU its kernels are
+        captured in CUDA graphs, so a streaming step stops paying a launch per kernel."""
+        self.backbone_call = torch.compile(self.kosmos, mode="reduce-overhead", dynamic=False)
 
     def encode_frames(self, images: torch.Tensor, instructions: list[str]) -> torch.Tensor:
         """Images (B, W, ...) (see module docstring) + B instructions -> features (B, W, hidden)."""

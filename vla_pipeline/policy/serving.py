@@ -10,6 +10,7 @@ the window store and the trainer use.
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,11 +43,19 @@ class StreamingPolicy:
     (linear_x, linear_y); the first row is the command to send now.
     """
 
-    def __init__(self, policy: MobileVLAPolicy, colour_order: str = "BGR", metadata: dict | None = None):
+    def __init__(self, policy: MobileVLAPolicy, colour_order: str = "BGR", metadata: dict | None = None,
+                 compiled: bool | None = None):
         self.policy = policy.eval()
         self.config = policy.config
         self.colour_order = _colour_order(colour_order)
         self.metadata = dict(metadata or {})
+        # On a GPU the step is launch-bound: capture the backbone (CUDA graphs) unless told not to.
+        if compiled if compiled is not None else policy.action_token.is_cuda:
+            try:
+                policy.compile_backbone()
+                self.metadata["compiled"] = True
+            except Exception as error:  # no compiler for this platform: eager it is
+                self._fall_back(error)
         self._pixels: deque[torch.Tensor] = deque(maxlen=self.config.window)
         self._features: deque[torch.Tensor] = deque(maxlen=self.config.window)
         self._instruction: str | None = None
@@ -71,17 +80,42 @@ class StreamingPolicy:
         if instruction != self._instruction and self._pixels:
             # A new instruction changes every cached feature: re-encode the window's frames.
             stack = torch.stack(list(self._pixels))
-            self._features = deque(self.policy.encode_images(stack, [instruction] * len(stack)),
-                                   maxlen=self.config.window)
+            self._features = deque(self._encode(stack, [instruction] * len(stack)), maxlen=self.config.window)
         self._instruction = instruction
         self._pixels.append(pixels)
-        self._features.append(self.policy.encode_images(pixels[None], [instruction])[0])
+        self._features.append(self._encode(pixels[None], [instruction])[0])
         actions = self.policy.head(torch.stack(list(self._features))[None])[0, -1]
         return (actions * self.config.action_scale).float().cpu().numpy()
+
+    def _encode(self, pixels: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        try:
+            return self.policy.encode_images(pixels, instructions)
+        except Exception as error:
+            if self.policy.backbone_call is None:
+                raise
+            self._fall_back(error)  # the compiled backbone failed on this input: eager from now on
+            return self.policy.encode_images(pixels, instructions)
+
+    def _fall_back(self, error: Exception) -> None:
+        self.policy.backbone_call = None
+        self.metadata["compiled"] = False
+        self.metadata["compile_error"] = f"{type(error).__name__}: {error}"[:300]
 
     @property
     def frames_in_window(self) -> int:
         return len(self._features)
+
+
+def load_bundle(bundle_dir, colour_order: str = "BGR", device: str | None = None) -> StreamingPolicy:
+    """A StreamingPolicy from a deploy bundle (`vla-pipeline export`), with torch and transformers
+    alone: no peft, MLflow or Dagster is imported. `device` defaults to the GPU when there is one."""
+    from .bundle import bundle_dtype
+    from .model import load_policy_dir
+
+    bundle_dir = Path(bundle_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    policy = load_policy_dir(bundle_dir, backbone_override=bundle_dir, dtype=bundle_dtype(bundle_dir)).to(device)
+    return StreamingPolicy(policy, colour_order, {"bundle": str(bundle_dir)})
 
 
 def _colour_order(value: str) -> str:

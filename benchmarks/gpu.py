@@ -1,0 +1,271 @@
+"""The GPU figures of the README, in one run of at most ~8 minutes on a GPU machine.
+
+    python benchmarks/gpu.py OUTDIR [--quick]
+
+Full-size Kosmos-2 architecture (random bf16 weights: no hub needed), LoRA r32 all-linear,
+window 8, chunk 10, through the project's own code:
+  env     card, versions, the measured bf16 matmul rate (the MFU denominator)
+  train   train() at batch 2 × 4 (the seeds' setup): peak GPU memory, steady windows/s;
+          a pure training step (no loader) timed with its FLOPs counted by
+          torch.utils.flop_counter: MFU at batch 2 and at the `batch_size: auto` batch
+  serve   StreamingPolicy.step on 720p BGR frames, bf16: the registry policy (LoRA unmerged) and
+          the merged deploy bundle, each eager and compiled (CUDA graphs), in Hz
+Prints a table against the targets and writes OUTDIR/gpu.json after every section.
+--quick: small sizes, runs on a CPU in about a minute (a dry run of the script itself).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vla_pipeline.data.ingest import ingest_episodes
+from vla_pipeline.data.samples import write_sample_episodes
+from vla_pipeline.data.store import WindowStore
+from vla_pipeline.policy.backbone import build_tiny_backbone
+from vla_pipeline.policy.bundle import export_bundle
+from vla_pipeline.policy.model import build_policy, load_policy_dir
+from vla_pipeline.policy.policy_config import PolicyConfig
+from vla_pipeline.policy.serving import StreamingPolicy, load_bundle
+from vla_pipeline.training.autobatch import largest_fitting_batch
+from vla_pipeline.training.compute import plan_compute
+from vla_pipeline.training.split import split_from_store
+from vla_pipeline.training.train import HALF, TrainConfig, keep_trained_in_fp32, train
+
+OUT = Path(sys.argv[1]) if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else Path("benchmarks/out/gpu")
+QUICK = "--quick" in sys.argv
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+WORK = Path("/tmp/vla-gpu-bench")
+LEFT = "Navigate around the obstacle on the left side and reach the cup"
+RESULTS: dict = {}
+TARGETS = {"peak_gib_b2": 12.0, "mfu_auto": 0.35, "bundle_hz": 100.0}
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def section(name: str, run) -> None:
+    started = time.perf_counter()
+    print(f"\n=== {name}", flush=True)
+    try:
+        RESULTS[name] = run() or {}
+    except Exception as error:
+        traceback.print_exc()
+        RESULTS[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+    RESULTS[name]["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(RESULTS[name], default=str)[:2000], flush=True)
+    (OUT / "gpu.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+
+def env() -> dict:
+    import peft
+    import transformers
+
+    result = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+              "device": torch.cuda.get_device_name(0) if CUDA else "cpu"}
+    if CUDA:
+        n = 8192
+        a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        for _ in range(3):
+            a @ b
+        sync()
+        started = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        sync()
+        result["bf16_matmul_tflops"] = round(2 * n**3 / ((time.perf_counter() - started) / 10) / 1e12, 1)
+        result["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return result
+
+
+def random_backbone() -> Path:
+    """The full-size Kosmos-2 architecture with random weights, saved with save_pretrained (bf16)."""
+    from transformers import Kosmos2Config, Kosmos2Model
+
+    folder = WORK / "kosmos2-random"
+    config = Kosmos2Config()
+    if QUICK:
+        config = Kosmos2Config(text_config=dict(embed_dim=256, layers=2, ffn_dim=512, attention_heads=4),
+                               vision_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                                  num_attention_heads=4))
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEVICE):
+            model = Kosmos2Model(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(folder)
+    build_tiny_backbone()[1].save_pretrained(folder)  # a processor; its ids fit the real vocabulary
+    del model
+    return folder
+
+
+def full_config(backbone: Path) -> PolicyConfig:
+    return PolicyConfig(backbone=str(backbone), preset="full", window=8, chunk=10)
+
+
+def synthetic_batch(size: int, config: PolicyConfig) -> dict:
+    return {"images": torch.randint(0, 256, (size, config.window, 224, 224, 3), dtype=torch.uint8),
+            "instructions": [LEFT] * size, "actions": torch.rand(size, config.window, config.chunk, 2) * 2 - 1}
+
+
+def train_section() -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backbone = random_backbone()
+    config = full_config(backbone)
+    episodes = WORK / "episodes"
+    write_sample_episodes(episodes, 6 if QUICK else 16, seed=0, height=180 if QUICK else 720, width=320 if QUICK else 1280)
+    store = WORK / "store.zarr"
+    ingest_episodes(sorted(episodes.glob("*.h5")), store, workers=4)
+    split = split_from_store(WindowStore(store))
+    out = {}
+    compute = plan_compute("auto", "auto")
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    lines: list[str] = []
+    result = train(config, TrainConfig(epochs=1, batch_size=2, grad_accum=1 if QUICK else 4, max_steps=2 if QUICK else 8,
+                                       log_every=1, checkpoint_every=10**9, loader_workers=4),
+                   store, split.train, split.val, WORK / "train-b2", compute=compute,
+                   log=lambda line: (lines.append(line), print("  ", line, flush=True)))
+    out["train_b2x4"] = {"peak_gib": result.peak_memory_gib, "steady_windows_per_s": result.steady_windows_per_s,
+                         "device": result.device, "precision": result.precision, "parameters": result.parameters}
+
+    policy = keep_trained_in_fp32(build_policy(config, dtype=HALF.get(compute.precision))).to(DEVICE)
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=CUDA)
+    peak = RESULTS.get("env", {}).get("bf16_matmul_tflops")
+
+    def step(batch) -> None:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss, _ = policy(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def fits(size: int) -> bool:
+        if not CUDA:
+            return size <= 2
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            step(synthetic_batch(size, config))
+            sync()
+            return torch.cuda.max_memory_allocated() <= 0.85 * torch.cuda.get_device_properties(0).total_memory
+        except torch.cuda.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            return False
+
+    auto = largest_fitting_batch(fits, ceiling=4 if QUICK else 64)
+    out["auto_batch"] = auto
+    for size in sorted({2, auto}):
+        batch = synthetic_batch(size, config)
+        step(batch)
+        step(batch)
+        sync()
+        with FlopCounterMode(display=False) as counter:
+            step(batch)
+        repeats = 2 if QUICK else 6
+        sync()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            step(batch)
+        sync()
+        seconds = (time.perf_counter() - started) / repeats
+        flops = counter.get_total_flops()
+        out[f"pure_step_b{size}"] = {
+            "s_per_step": round(seconds, 4), "windows_per_s": round(size / seconds, 2),
+            "tflop_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / seconds / 1e12, 1),
+            "mfu": round(flops / seconds / 1e12 / peak, 3) if peak else None}
+    del policy, optimizer
+    if CUDA:
+        torch.cuda.empty_cache()
+    return out
+
+
+def step_hz(policy: StreamingPolicy, repeats: int) -> float:
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8) for _ in range(4)]
+    for i in range(12):  # warm-up: compilation and graph capture happen here
+        policy.step(frames[i % 4], LEFT)
+    sync()
+    times = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        policy.step(frames[i % 4], LEFT)
+        sync()
+        times.append(time.perf_counter() - started)
+    return round(1 / float(np.median(times)), 1)
+
+
+def serve_section() -> dict:
+    policy_dir = WORK / "train-b2" / "policy"
+    bundle = export_bundle(policy_dir, WORK / "bundle", dtype="bf16")
+    out = {"bundle_mib": round(sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()) / 2**20, 1),
+           "policy_dir_mib": round(sum(f.stat().st_size for f in policy_dir.rglob("*") if f.is_file()) / 2**20, 1)}
+    repeats = 4 if QUICK else 60
+    for compiled in (False, True) if CUDA else (False,):
+        name = "compiled" if compiled else "eager"
+        registry = StreamingPolicy(load_policy_dir(policy_dir, dtype=torch.bfloat16).to(DEVICE), compiled=compiled)
+        out[f"registry_{name}_hz"] = step_hz(registry, repeats)
+        del registry
+        deployed = load_bundle(bundle, device=DEVICE)
+        if not compiled:
+            deployed.policy.backbone_call = None
+            deployed.metadata["compiled"] = False
+        out[f"bundle_{name}_hz"] = step_hz(deployed, repeats)
+        out[f"bundle_{name}_metadata"] = {k: v for k, v in deployed.metadata.items() if k != "bundle"}
+        del deployed
+        if CUDA:
+            torch.cuda.empty_cache()
+    return out
+
+
+def table() -> None:
+    env_, train_, serve_ = (RESULTS.get(k, {}) for k in ("env", "train", "serve"))
+    auto = train_.get("auto_batch")
+    rows = [
+        ("peak GPU memory, batch 2 × 4", f"{train_.get('train_b2x4', {}).get('peak_gib')} GiB", f"≤ {TARGETS['peak_gib_b2']:.0f} GiB"),
+        ("steady windows/s in train(), batch 2 × 4", train_.get("train_b2x4", {}).get("steady_windows_per_s"), ""),
+        ("pure step, batch 2: windows/s, MFU", f"{train_.get('pure_step_b2', {}).get('windows_per_s')}, "
+                                               f"{train_.get('pure_step_b2', {}).get('mfu')}", ""),
+        (f"pure step, auto batch {auto}: windows/s, MFU", f"{train_.get(f'pure_step_b{auto}', {}).get('windows_per_s')}, "
+                                                        f"{train_.get(f'pure_step_b{auto}', {}).get('mfu')}",
+         f"MFU ≥ {TARGETS['mfu_auto']:.2f}"),
+        ("registry policy step (LoRA unmerged), eager / compiled", f"{serve_.get('registry_eager_hz')} / "
+                                                                 f"{serve_.get('registry_compiled_hz')} Hz", ""),
+        ("bundle step (merged), eager / compiled", f"{serve_.get('bundle_eager_hz')} / {serve_.get('bundle_compiled_hz')} Hz",
+         f"≥ {TARGETS['bundle_hz']:.0f} Hz"),
+        ("policy directory / bundle size", f"{serve_.get('policy_dir_mib')} / {serve_.get('bundle_mib')} MiB", ""),
+    ]
+    print(f"\n{env_.get('device')}: bf16 matmul {env_.get('bf16_matmul_tflops')} TFLOP/s, torch {env_.get('torch')}")
+    print(f"{'measured':<58} {'figure':<26} target")
+    for label, figure, target in rows:
+        print(f"{label:<58} {str(figure):<26} {target}")
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    section("env", env)
+    section("train", train_section)
+    section("serve", serve_section)
+    table()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
