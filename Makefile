@@ -18,8 +18,7 @@ UI_PORT ?= 3000
 # `dagster asset materialize` finds the code location only through -m or DAGSTER_MODULE_NAME; exported,
 # that variable would also reach the webserver of `dagster dev` and stop it, so it is never exported.
 MATERIALIZE := $(BIN)/dagster asset materialize -m vla_pipeline.definitions
-# Short progress lines (assets/console.py) instead of Dagster's full event log.
-CONSOLE := "loggers": {"console": {"config": {"log_level": "INFO"}}}
+DEMO_EPISODES ?= 56  # enough for ~10 validation episodes, over 150 scored predictions
 DEMO_START := $(shell date +%s)
 
 .PHONY: install demo test bench ui clean
@@ -38,18 +37,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@touch $@
 
 demo: install
-	@$(BIN)/vla-pipeline sample-episodes $(VLA_EPISODES_DIR) -n 12 --seed 0
+	@$(BIN)/vla-pipeline sample-episodes $(VLA_EPISODES_DIR) -n $(DEMO_EPISODES) --seed 0
 	@$(BIN)/vla-pipeline ingest $(VLA_EPISODES_DIR)
-	@$(BIN)/vla-pipeline episodes
-	@$(MATERIALIZE) --select train_val_split --config-json '{$(CONSOLE)}'
-	@VLA_MODEL=tiny $(MATERIALIZE) --select 'lora_adapter*' \
-	  --config-json '{$(CONSOLE), "ops": {"lora_adapter": {"config": {"train": {"epochs": 10, "lr": 0.002}}}}}'
-	@# The tiny backbone is built from random weights: minutes on a CPU do not teach it
-	@# directions, so the gate rightly leaves it @challenger. Only to show the champion
-	@# lookup, the demo then re-gates the same version with the baseline margin switched off.
-	@echo "demo only: re-gating with min_accuracy_margin -1 so that the lookup by @champion can be shown"
-	@$(MATERIALIZE) --select registered_model \
-	  --config-json '{$(CONSOLE), "ops": {"registered_model": {"config": {"min_accuracy_margin": -1.0}}}}'
+	@$(BIN)/vla-pipeline episodes | tail -n 1
+	@# The CPU preset with its defaults: no config overrides, and the default promotion gate.
+	@VLA_MODEL=tiny $(MATERIALIZE) -c .dagster/console.yaml \
+	  --select 'train_val_split,lora_adapter,evaluation_metrics,registered_model'
 	@echo "--- a fresh process looks the champion up by alias and drives it over an episode file"
 	@$(BIN)/vla-pipeline model --model-uri models:/mobile-vla@champion
 	@$(BIN)/vla-pipeline predict --model-uri models:/mobile-vla@champion \

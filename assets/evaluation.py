@@ -68,10 +68,12 @@ def _evaluate(policy_dir, split: Split, window_store: WindowStoreResource, compu
     if not split.val:
         raise dg.Failure("the split has no validation episodes: ingest more episodes or raise val_fraction")
     from vla_pipeline.evaluation.evaluate import evaluate
+    from vla_pipeline.evaluation.replay import ScriptedReplay
 
     policy = _load(policy_dir, compute)
-    return evaluate(policy, window_store.open().path, split.val, _train_mean(policy_dir), dead_band, progress=log,
-                    train_ids=split.train)
+    store = window_store.open()
+    return evaluate(policy, store.path, split.val, _train_mean(policy_dir), dead_band, progress=log,
+                    replay=ScriptedReplay.from_store(store, split.train))
 
 
 @dg.asset(group_name="evaluation", kinds={"mlflow"})

@@ -168,7 +168,7 @@ def lora_adapter(
             result = train(
                 policy_config, train_config, store.path, split.train, split.val, output_dir,
                 compute=compute.plan(), log=context.log.info,
-                on_epoch=lambda record: mlflow.log_metrics(
+                on_epoch=lambda record, _: mlflow.log_metrics(
                     {"train_loss": record["train_loss"], "val_loss": record["val_loss"]}, step=record["epoch"]),
             )
         except BackboneUnavailable as error:

@@ -27,6 +27,7 @@ for _name, _value in {
     "VLA_EPISODES_DIR": str(_SESSION_DIR / "episodes"),
     "DAGSTER_HOME": str(_SESSION_DIR / "dagster_home"),
     "VLA_TINY_BACKBONE": str(_SESSION_DIR / "kosmos2-tiny"),
+    "VLA_SMALL_BACKBONE": str(_SESSION_DIR / "kosmos2-small"),
 }.items():
     os.environ[_name] = _value
 (_SESSION_DIR / "mlruns").mkdir()

@@ -7,6 +7,7 @@ import pytest
 from conftest import scripted_actions, write_episode_file
 
 from vla_pipeline.data.ingest import ingest_episodes
+from vla_pipeline.data.store import WindowStore
 from vla_pipeline.evaluation.evaluate import evaluate
 from vla_pipeline.evaluation.gate import decide_promotion
 from vla_pipeline.evaluation.replay import ScriptedReplay
@@ -63,7 +64,8 @@ def test_evaluation_scores_the_replay_of_the_training_episodes(tmp_path, tiny_ba
     ids = sorted(p.stem for p in paths)
     train, val = [ids[0], ids[2]], [ids[1], ids[3]]  # each val episode replays a training one exactly
     policy = build_policy(PolicyConfig.tiny(backbone=str(tiny_backbone_path)))
-    result = evaluate(policy, tmp_path / "store.zarr", val, train_mean=(0.5, 0.0), train_ids=train).metrics
+    replay = ScriptedReplay.from_store(WindowStore(tmp_path / "store.zarr"), train)
+    result = evaluate(policy, tmp_path / "store.zarr", val, train_mean=(0.5, 0.0), replay=replay).metrics
     assert result["scripted_replay"]["first"]["direction_accuracy"] == 1.0
     assert result["scripted_replay"]["all"]["mse"] == 0.0
     assert "scripted_replay" not in result["baselines"]  # the gate's best constant stays a constant

@@ -100,10 +100,10 @@ def evaluate(
     train_mean: Sequence[float],
     dead_band: float = metrics.DEFAULT_DEAD_BAND,
     progress: Callable[[str], None] | None = None,
-    train_ids: Sequence[str] = (),
+    replay: ScriptedReplay | None = None,
 ) -> Evaluation:
-    """Metrics of `policy`, of the constant baselines and (given `train_ids`) of the scripted
-    replay of those training episodes, on the evaluation episodes' covered frames."""
+    """Metrics of `policy`, of the constant baselines and (given one, built from the training
+    episodes) of the scripted replay, on the evaluation episodes' covered frames."""
     store = WindowStore(store_path)
     scale = policy.config.action_scale
     was_training = policy.training
@@ -126,13 +126,12 @@ def evaluate(
     model = metrics.score(pred, true, scale, dead_band)
     baselines = metrics.score_baselines(true, metrics.constant_baselines(train_mean, scale), scale, dead_band)
     swapped = [e for e in episodes if e.pred_swapped is not None]
-    replay = None
-    if train_ids:
-        replayer = ScriptedReplay.from_store(store, train_ids)
+    replayed = None
+    if replay is not None:
         chunk = policy.config.chunk
-        replayed = np.concatenate([replayer.predict(*course(store.episode_attrs(e.episode_id)), e.frames, chunk)
-                                   for e in episodes])
-        replay = metrics.score(replayed, true, scale, dead_band)
+        replayed = metrics.score(np.concatenate([
+            replay.predict(*course(store.episode_attrs(e.episode_id)), e.frames, chunk) for e in episodes
+        ]), true, scale, dead_band)
     result = {
         "episodes": len(episodes),
         "predictions": int(len(pred)),
@@ -144,9 +143,9 @@ def evaluate(
         "baselines": baselines,
         "margin": metrics.margins(model, baselines),
         # Not a constant: kept apart from `baselines`, so the gate's "best constant baseline" stays what it says.
-        "scripted_replay": replay,
-        "margin_over_replay": {steps: model[steps]["direction_accuracy"] - replay[steps]["direction_accuracy"]
-                               for steps in metrics.STEPS} if replay else None,
+        "scripted_replay": replayed,
+        "margin_over_replay": {steps: model[steps]["direction_accuracy"] - replayed[steps]["direction_accuracy"]
+                               for steps in metrics.STEPS} if replayed else None,
         "instruction_sensitivity": metrics.instruction_sensitivity(
             np.concatenate([e.pred[..., 1] for e in swapped]) if swapped else np.zeros((0, 1)),
             np.concatenate([e.pred_swapped[..., 1] for e in swapped]) if swapped else np.zeros((0, 1)),

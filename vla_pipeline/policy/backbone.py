@@ -47,7 +47,7 @@ LOCAL_BACKBONES = {
         latent_query_num=8, seed=TINY_SEED, version=TINY_VERSION, image_signal_init=False,
     ),
     # The CPU preset: trained in full from scratch in a few minutes on 2 cores
-    # (benchmarks/learn_cpu.py). Its vision tower sees the 224×224 frames area-averaged to 112×112.
+    # (benchmarks/learning.py). Its vision tower sees the 224×224 frames area-averaged to 112×112.
     "small": dict(
         text=dict(embed_dim=64, layers=2, ffn_dim=128, attention_heads=2, init_std=0.1),
         vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -140,14 +140,28 @@ def load_backbone(config: PolicyConfig, dtype: torch.dtype | None = None):
 
     The tokenizer comes from the Kosmos-2 processor, which adds the `<image>` tag tokens.
     """
-    from transformers import AutoProcessor, Kosmos2Model
+    from transformers import Kosmos2Model
+
+    source, options = backbone_source(config)
+    model = Kosmos2Model.from_pretrained(source, dtype=dtype or torch.float32, **options)
+    return model, load_processor(config).tokenizer
+
+
+def backbone_source(config: PolicyConfig) -> tuple[str, dict]:
+    """(what `from_pretrained` loads, its options) for the config's backbone: a local preset's
+    cached build, a folder, a cached hub checkpoint or the hub (`hub.resolve_backbone`)."""
     from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # the pipeline prints its own progress lines
     source = config.backbone
     if config.preset in LOCAL_BACKBONES and not Path(source).is_dir():
         source = str(local_backbone_dir(config.preset))
-    source, options = resolve_backbone(source)
-    transformers_logging.disable_progress_bar()  # the pipeline prints its own progress lines
-    model = Kosmos2Model.from_pretrained(source, dtype=dtype or torch.float32, **options)
-    tokenizer = AutoProcessor.from_pretrained(source, **options).tokenizer
-    return model, tokenizer
+    return resolve_backbone(source)
+
+
+def load_processor(config: PolicyConfig):
+    """The backbone's Kosmos-2 processor; its tokenizer carries the `<image>` tag tokens."""
+    from transformers import AutoProcessor
+
+    source, options = backbone_source(config)
+    return AutoProcessor.from_pretrained(source, **options)

@@ -31,6 +31,15 @@ from ..data.store import WindowStore
 from .windows import WindowDataset, make_loader
 
 CHECKPOINT = "checkpoint"
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def keep_trained_in_fp32(policy: torch.nn.Module) -> torch.nn.Module:
+    """Trainable parameters in float32, whatever the frozen ones were loaded in."""
+    for param in policy.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return policy
 
 
 @dataclass(frozen=True)
@@ -49,12 +58,19 @@ class TrainConfig:
     loader_workers: int = 0
     mirror_prob: float = 0.5
     colour_jitter: float = 0.1
+    # Which epoch's policy is kept: "best" validation loss, or the "last" one (with few validation
+    # episodes their loss is noisy, while a cosine schedule ends on a settled model).
+    keep: str = "best"
+
+    def __post_init__(self) -> None:
+        if self.keep not in ("best", "last"):
+            raise ValueError(f"keep must be 'best' or 'last', not {self.keep!r}")
 
     @classmethod
     def small(cls, **overrides) -> TrainConfig:
-        """Training for `PolicyConfig.small()` on a CPU (benchmarks/learn_cpu.py): high lr for a
-        small model trained from scratch, 60 warm-up steps."""
-        values = dict(epochs=20, batch_size=8, grad_accum=1, lr=2e-3, warmup_steps=60)
+        """Training for `PolicyConfig.small()` on a CPU (benchmarks/learning.py): a high lr for a
+        small model trained from scratch, 60 warm-up steps, the last epoch's policy kept."""
+        values = dict(epochs=20, batch_size=8, grad_accum=1, lr=2e-3, warmup_steps=60, keep="last")
         values.update(overrides)
         return cls(**values)
 
@@ -105,7 +121,7 @@ def train(
     output_dir: Path | str,
     compute: ComputePlan | None = None,
     log: Callable[[str], None] = print,
-    on_epoch: Callable[[dict], None] | None = None,
+    on_epoch: Callable[[dict, torch.nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train on the training episodes' windows; keep the best-by-validation policy in output_dir."""
     started = time.perf_counter()
@@ -124,7 +140,9 @@ def train(
     )
     set_seed(config.seed)
 
-    policy = build_policy(policy_config)
+    # Frozen weights in the compute precision (half the memory on a GPU); what trains keeps fp32
+    # master weights, which the optimizer updates (autocast runs the matmuls in half precision).
+    policy = keep_trained_in_fp32(build_policy(policy_config, dtype=HALF.get(compute.precision)))
     counts = trainable_parameters(policy)
     log(f"parameters: {counts['trainable']:,} trainable of {counts['total']:,}")
 
@@ -202,10 +220,11 @@ def train(
         record = {"epoch": epoch + 1, "step": step, "train_loss": running / max(seen, 1), "val_loss": val_loss}
         history.append(record)
         log(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}")
-        if on_epoch:
-            on_epoch(record)
-        if not val_loss > best_val:  # also true for the first epoch and without validation
-            best_val = val_loss if not math.isnan(val_loss) else best_val
+        if on_epoch:  # the record, and the policy as it stands after this epoch
+            on_epoch(record, accelerator.unwrap_model(policy))
+        improved = not val_loss > best_val  # also true for the first epoch and without validation
+        best_val = val_loss if improved and not math.isnan(val_loss) else best_val
+        if improved or config.keep == "last":
             publish_policy(accelerator.unwrap_model(policy), output_dir / "policy",
                            {ACTION_STATS_FILE: json.dumps(action_stats, indent=1)})
         epoch, batches_done = epoch + 1, 0

@@ -1,0 +1,136 @@
+"""Does the CPU preset learn the task? Trained as the pipeline trains it, scored on fresh episodes.
+
+    .venv/bin/python benchmarks/learning.py [--episodes 40] [--seed 0] [--other 12] [--other-seed 1234]
+                                            [--policy key=value ...] [--train key=value ...] [--json PATH]
+
+Writes N sample episodes (seed --seed) and 12 of another seed, ingests both with the store's
+default rules, splits the first set as `train_val_split` does (val_fraction 0.2) and trains
+`PolicyConfig.small()` with `TrainConfig.small()` — what `VLA_MODEL=tiny` materializes —
+through the real `train()`. After every epoch the policy is scored through the real
+`evaluate()` on the validation episodes and on the other seed's episodes: first-step direction
+accuracy (the learning curve), against the best constant baseline and the scripted replay of
+the training episodes, and the instruction flip. --policy/--train override preset fields
+(e.g. `--policy action_head=regression side_loss_weight=0`) to measure what a choice buys.
+Always exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vla_pipeline.data.ingest import ingest_episodes
+from vla_pipeline.data.samples import write_sample_episodes
+from vla_pipeline.data.store import WindowStore
+from vla_pipeline.evaluation.evaluate import evaluate
+from vla_pipeline.evaluation.replay import ScriptedReplay
+from vla_pipeline.policy.policy_config import PolicyConfig
+from vla_pipeline.training.split import split_from_store
+from vla_pipeline.training.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out"
+
+
+def overrides(pairs: list[str]) -> dict:
+    """key=value pairs; values parsed as JSON where they can be (numbers, true/false), else text."""
+    parsed = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+def stored(n: int, seed: int, workdir: Path) -> tuple[Path, list[str]]:
+    """A store of n sample episodes of `seed` (episodes written once under benchmarks/out)."""
+    folder = OUT / f"episodes-n{n}-seed{seed}"
+    if not folder.is_dir():
+        partial = OUT / f".partial-{folder.name}"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_sample_episodes(partial, n, seed)
+        partial.rename(folder)
+    store = workdir / f"store-n{n}-seed{seed}.zarr"
+    ingest_episodes(sorted(folder.glob("*.h5")), store, workers=2)
+    return store, WindowStore(store).episode_ids()
+
+
+def scores(metrics: dict) -> dict:
+    first = metrics["model"]["first"]["direction_accuracy"]
+    constant = max(b["first"]["direction_accuracy"] for b in metrics["baselines"].values())
+    return {"accuracy": first, "best_constant": constant, "margin": first - constant,
+            "replay": metrics["scripted_replay"]["first"]["direction_accuracy"],
+            "flip": metrics["instruction_sensitivity"].get("flip_fraction_first", 0.0),
+            "predictions": metrics["predictions"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=40, help="training sample episodes (default 40)")
+    parser.add_argument("--seed", type=int, default=0, help="their seed (default 0)")
+    parser.add_argument("--other", type=int, default=12, help="fresh episodes of another seed to score on (default 12)")
+    parser.add_argument("--other-seed", type=int, default=1234, help="their seed (default 1234)")
+    parser.add_argument("--policy", nargs="*", default=[], help="PolicyConfig.small() overrides, key=value")
+    parser.add_argument("--train", nargs="*", default=[], help="TrainConfig.small() overrides, key=value")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    workdir = Path(tempfile.mkdtemp(prefix="vla-learning-"))
+    OUT.mkdir(parents=True, exist_ok=True)
+    train_store, train_pool = stored(args.episodes, args.seed, workdir)
+    other_store, other_ids = stored(args.other, args.other_seed, workdir)
+    split = split_from_store(WindowStore(train_store), None, 0.2)
+    policy_config = PolicyConfig.small(**overrides(args.policy))
+    train_config = TrainConfig.small(**overrides(args.train))
+    print(f"{len(split.train)} train / {len(split.val)} val episodes of seed {args.seed} "
+          f"({args.episodes - len(train_pool)} rejected), {len(other_ids)} episodes of seed {args.other_seed}; "
+          f"policy overrides {args.policy or 'none'}, train overrides {args.train or 'none'}", flush=True)
+    mean = WindowStore(train_store).action_stats(split.train).mean.tolist()
+    replay = ScriptedReplay.from_store(WindowStore(train_store), split.train)
+    curve = []
+
+    def score_epoch(record: dict, policy) -> None:
+        row = {"epoch": record["epoch"], "seconds": time.perf_counter() - started,
+               "val": scores(evaluate(policy, train_store, split.val, mean, replay=replay).metrics),
+               "other": scores(evaluate(policy, other_store, other_ids, mean, replay=replay).metrics)}
+        curve.append(row)
+        print(f"epoch {row['epoch']:>2} ({row['seconds']:5.0f} s): val accuracy {row['val']['accuracy']:.3f}, "
+              f"other-seed accuracy {row['other']['accuracy']:.3f}, flip {row['val']['flip']:.2f} / "
+              f"{row['other']['flip']:.2f}", flush=True)
+
+    started = time.perf_counter()
+    result = train(policy_config, train_config, train_store, split.train, split.val, workdir / "run",
+                   log=lambda line: None, on_epoch=score_epoch)
+    scoring = sum(1 for _ in curve)  # per-epoch scoring is included in the wall time below
+    from vla_pipeline.policy.model import load_policy_dir
+
+    final = load_policy_dir(workdir / "run" / "policy")
+    summary = {name: scores(evaluate(final, store, ids, mean, replay=replay).metrics)
+               for name, store, ids in (("val", train_store, split.val), ("other", other_store, other_ids))}
+    print(f"\nkept policy ({train_config.keep} epoch, as lora_adapter keeps it), {result.epochs} epochs in "
+          f"{result.seconds:.0f} s of training ({scoring} per-epoch scorings included):")
+    print(f"{'episodes':<22} {'predictions':>11} {'accuracy':>9} {'best constant':>14} {'margin':>7} "
+          f"{'scripted replay':>16} {'flip':>5}")
+    for name, label in (("val", f"validation (seed {args.seed})"), ("other", f"other seed {args.other_seed}")):
+        s = summary[name]
+        print(f"{label:<22} {s['predictions']:>11} {s['accuracy']:>9.3f} {s['best_constant']:>14.3f} "
+              f"{s['margin']:>+7.3f} {s['replay']:>16.3f} {s['flip']:>5.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "curve": curve,
+                                         "summary": summary, "train_seconds": result.seconds}, indent=1))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
