@@ -6,6 +6,7 @@ module: the code location loads in every Dagster process, most of which never tr
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -139,6 +140,7 @@ def lora_adapter(
     import mlflow
 
     from vla_pipeline.policy.hub import BackboneUnavailable
+    from vla_pipeline.training.launch import run_distributed, write_spec
     from vla_pipeline.training.train import train
 
     policy_config, train_config = config.configs()
@@ -164,19 +166,36 @@ def lora_adapter(
             mlflow.log_params({**flat_params("policy", policy_config.to_dict()),
                                **flat_params("train", asdict(train_config)), **snapshot})
             mlflow.log_dict(split.to_dict(), "split.json")
+        def log_epoch(record: dict, _policy=None) -> None:
+            mlflow.log_metrics({"train_loss": record["train_loss"], "val_loss": record["val_loss"]},
+                               step=record["epoch"])
+
         try:
-            result = train(
-                policy_config, train_config, store.path, split.train, split.val, output_dir,
-                compute=compute.plan(), log=context.log.info,
-                on_epoch=lambda record, _: mlflow.log_metrics(
-                    {"train_loss": record["train_loss"], "val_loss": record["val_loss"]}, step=record["epoch"]),
-            )
+            if compute.processes > 1:  # torchrun: one process per GPU, the main one writes
+                spec = write_spec(output_dir, policy_config.to_dict(), asdict(train_config), str(store.path),
+                                  split.train, split.val, compute.device, compute.precision, compute.batch_size)
+                result = run_distributed(spec, compute.processes, log=context.log.info)
+                for record in result.history:
+                    log_epoch(record)
+            else:
+                result = train(
+                    policy_config, train_config, store.path, split.train, split.val, output_dir,
+                    compute=compute.plan(), log=context.log.info, on_epoch=log_epoch,
+                )
         except BackboneUnavailable as error:
             raise dg.Failure(str(error), allow_retries=False) from None
+        except RuntimeError as error:
+            if compute.processes > 1:  # the processes' own traceback is in the message
+                raise dg.Failure(str(error), allow_retries=False) from None
+            raise
         except OSError as error:  # a folder that is not a save_pretrained checkpoint, a broken download
             raise dg.Failure(f"could not load the backbone {policy_config.backbone!r}: {error}",
                              allow_retries=False) from None
-        mlflow.log_metrics({"best_val_loss": result.best_val_loss, "trainable_parameters": result.parameters["trainable"]})
+        # Steady-state throughput, and the GPU's peak memory when training ran on one.
+        speed = {key: value for key, value in (("steady_windows_per_s", result.steady_windows_per_s),
+                                               ("peak_memory_gib", result.peak_memory_gib)) if math.isfinite(value)}
+        mlflow.log_metrics({"best_val_loss": result.best_val_loss, "trainable_parameters": result.parameters["trainable"],
+                            **speed})
         mlflow.log_artifacts(str(output_dir / "policy"), "policy")
         mlflow.log_artifact(str(output_dir / "training.json"))
         mlflow.set_tags({"device": result.device, "precision": result.precision,
@@ -192,6 +211,9 @@ def lora_adapter(
             "resumed_from_step": result.resumed_from_step,
             "device": f"{result.device} ({result.precision})",
             "wall_time_s": round(result.seconds, 1),
+            "batch": f"{result.batch_size} × {result.grad_accum} accumulation"
+                     + (f" × {compute.processes} processes" if compute.processes > 1 else ""),
+            **{key: round(value, 2) for key, value in speed.items()},
             "policy_dir": dg.MetadataValue.path(str((output_dir / "policy").resolve())),
             "mlflow_run": dg.MetadataValue.url(run_link(run.info.run_id, experiment)),
             "mlflow_run_id": run.info.run_id,

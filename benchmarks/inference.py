@@ -16,6 +16,10 @@ policy.predict on the same window (max |diff| <= 1e-4 tiny fp32, <= --bf16-tol f
   full  Kosmos2Model(Kosmos2Config()), the microsoft/kosmos-2-patch14-224 architecture with random bf16
         weights, saved by a child process and loaded by build_policy as `train_throughput.py --full` does;
         the default PolicyConfig (window 8, chunk 10, LoRA r32 all-linear, LSTM 512x4)
+  merged the full-size policy (LoRA B matrices randomised, so the adapter changes the actions) saved,
+        exported as a bf16 deploy bundle (`vla-pipeline export`: merged in fp32, then cast) and loaded
+        with serving.load_bundle; its streaming step against the unmerged policy's on the same frames,
+        in turn. Target: merged <= 0.7x unmerged; actions equal within --bf16-tol
 Torch uses one thread per core (--threads). Each timing waits up to --quiet-wait s for a quiet CPU and is marked
 "busy" if other processes competed (the check of benchmarks/ingest.py).
 """
@@ -63,8 +67,66 @@ def interleaved(stream, new_frames, predict, steps: int, repeats: int):
     return stream_s, recompute_s, last
 
 
+def run_merged(args) -> dict:
+    """The deploy bundle's streaming step against the registry policy's (LoRA unmerged)."""
+    from train_throughput import _save_random_kosmos
+
+    from vla_pipeline.policy.bundle import export_bundle
+    from vla_pipeline.policy.model import save_policy
+    from vla_pipeline.policy.serving import load_bundle
+
+    steps = args.full_steps
+    with tempfile.TemporaryDirectory(dir=OUT) as scratch:
+        scratch = Path(scratch)
+        started = time.perf_counter()
+        _save_random_kosmos(str(scratch / "backbone"))
+        torch.set_default_dtype(torch.float32)
+        policy = build_policy(PolicyConfig(backbone=str(scratch / "backbone"), preset="full"), dtype=torch.bfloat16)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # a trained adapter: LoRA B is zero only before training
+            for name, param in policy.backbone.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        save_policy(policy, scratch / "policy")
+        built = time.perf_counter() - started
+        started = time.perf_counter()
+        export_bundle(scratch / "policy", scratch / "bundle", dtype="bf16")
+        exported = time.perf_counter() - started
+        merged = load_bundle(scratch / "bundle", colour_order="RGB", device="cpu")
+        bundle_bytes = sum(p.stat().st_size for p in (scratch / "bundle").rglob("*") if p.is_file())
+        print(f"[merged] built in {built:.0f} s, exported in {exported:.0f} s; bundle {size(bundle_bytes)}; "
+              f"{torch.get_num_threads()} torch threads", flush=True)
+        window = policy.config.window
+        frames = np.random.default_rng(0).integers(0, 256, (window + steps, 224, 224, 3), dtype=np.uint8)
+        unmerged = StreamingPolicy(policy, colour_order="RGB")
+        for stream in (unmerged, merged):
+            stream.reset()
+            for frame in frames[:window]:
+                stream.step(frame, INSTRUCTION)
+
+        def alternate():
+            times, last = {"unmerged": [], "merged": []}, {}
+            for frame in frames[window:]:
+                for name, stream in (("unmerged", unmerged), ("merged", merged)):
+                    begun = time.perf_counter()
+                    last[name] = np.asarray(stream.step(frame, INSTRUCTION), dtype=np.float32)
+                    times[name].append(time.perf_counter() - begun)
+            return times, last
+
+        (times, last), busy = measured(alternate, args.quiet_wait)
+    for name, values in times.items():
+        print(f"  {len(values)} {name} streaming steps: {', '.join(f'{t * 1e3:.0f}' for t in values)} ms", flush=True)
+    diff = float(np.abs(last["merged"] - last["unmerged"]).max())
+    return {"case": "merged", "steps": steps, "unmerged_ms": float(np.median(times["unmerged"])) * 1e3,
+            "merged_ms": float(np.median(times["merged"])) * 1e3, "max_abs_diff": diff,
+            "tolerance": args.bf16_tol, "match": diff <= args.bf16_tol, "busy": busy, "bundle_bytes": bundle_bytes,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
 def run_case(args) -> dict:
     torch.set_num_threads(args.threads)
+    if args.case == "merged":
+        return run_merged(args)
     steps, repeats = (args.full_steps, args.full_repeats) if args.case == "full" else (args.steps, args.repeats)
     started = time.perf_counter()
     policy = random_full_policy()[0] if args.case == "full" else build_policy(PolicyConfig.tiny())
@@ -110,7 +172,8 @@ def main() -> int:
     parser.add_argument("--skip-full", action="store_true", help="only the tiny case")
     parser.add_argument("--quiet-wait", type=float, default=30, help="max s to wait for a quiet CPU (30)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
-    parser.add_argument("--case", choices=["tiny", "full"], help=argparse.SUPPRESS)
+    parser.add_argument("--skip-merged", action="store_true", help="leave out the merged-bundle case")
+    parser.add_argument("--case", choices=["tiny", "full", "merged"], help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -123,7 +186,8 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({args.threads} torch threads in each case); "
           f"input 224x224 RGB uint8 frames to both paths", flush=True)
     rows, failed = [], []
-    for case in ["tiny"] + ([] if args.skip_full else ["full"]):
+    cases = ["tiny"] + ([] if args.skip_full else ["full"]) + ([] if args.skip_full or args.skip_merged else ["merged"])
+    for case in cases:
         with tempfile.TemporaryDirectory(dir=OUT) as scratch:
             result = Path(scratch) / "result.json"
             child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--case", case, "--result", str(result)])
@@ -131,6 +195,8 @@ def main() -> int:
                 failed.append(f"{case}: the subprocess exited {child.returncode}")
                 continue
             rows.append(json.loads(result.read_text()))
+    merged = [row for row in rows if row["case"] == "merged"]
+    rows = [row for row in rows if row["case"] != "merged"]
 
     print("\n| case | window | recompute ms/step | streaming ms/step | ratio | ideal 1/W | peak RSS |")
     print("|---|---|---|---|---|---|---|")
@@ -145,12 +211,20 @@ def main() -> int:
               f"(<= {row['tolerance']:.0e}): {'ok' if row['match'] else 'MISMATCH'}; "
               f"{row['steps']} streaming steps, {row['repeats']} predict calls"
               + (f"; busy: {', '.join(row['busy'])}" if row["busy"] else ""))
-    failed += [f"{row['case']}: streaming actions differ from predict ({row['max_abs_diff']:.2e})"
-               for row in rows if not row["match"]]
+    for row in merged:
+        row["ratio"] = row["merged_ms"] / row["unmerged_ms"]
+        print("\n| full-size bf16 streaming step | unmerged (registry policy, peft) | merged (deploy bundle) | ratio | bundle |")
+        print("|---|---|---|---|---|")
+        print(f"| median of {row['steps']}{' (busy)' if row['busy'] else ''} | {row['unmerged_ms']:.0f} ms | "
+              f"{row['merged_ms']:.0f} ms | {row['ratio']:.3f}x (target <= 0.7x) | {size(row['bundle_bytes'])} |")
+        print(f"merged vs unmerged actions: max |diff| {row['max_abs_diff']:.2e} (<= {row['tolerance']:.0e}): "
+              f"{'ok' if row['match'] else 'MISMATCH'}; peak RSS {size(row['peak_rss_bytes'])}")
+    failed += [f"{row['case']}: streaming actions differ ({row['max_abs_diff']:.2e})"
+               for row in rows + merged if not row["match"]]
     print(f"wall time {time.perf_counter() - started:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps(rows + merged, indent=1))
         print(f"figures written to {args.json}")
     for failure in failed:
         print(f"ERROR {failure}", file=sys.stderr)

@@ -48,3 +48,52 @@ def test_probes_once_per_key_then_uses_the_cache(tmp_path):
     assert (first.per_step, first.grad_accum) == (again.per_step, again.grad_accum) == (6, 3)
     assert "probed" in first.note and "cached" in again.note
     assert (other.per_step, other.grad_accum) == (16, 1)
+
+
+def test_the_probe_runs_real_training_steps_and_treats_out_of_memory_as_no():
+    import torch
+
+    from vla_pipeline.policy.model import build_policy
+    from vla_pipeline.policy.policy_config import PolicyConfig
+    from vla_pipeline.training.autobatch import memory_fits
+    from vla_pipeline.training.train import synthetic_batch
+
+    config = PolicyConfig.tiny()
+    policy = build_policy(config)
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=0.0, weight_decay=0.0)
+    before = [p.detach().clone() for p in trained]
+    ran: list[int] = []
+
+    def step(size: int) -> None:
+        batch = synthetic_batch(config, size)
+        assert batch["images"].shape == (size, config.window, 224, 224, 3)
+        loss, _ = policy(batch)
+        loss.backward()
+        optimizer.step()
+        ran.append(size)
+
+    def reset() -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    # A fake card: 100 bytes per window of the last step that ran, 550 usable.
+    fits = memory_fits(step, lambda: 100 * ran[-1], reset, limit_bytes=550)
+    assert largest_fitting_batch(fits, ceiling=16) == 5
+    assert ran and all(size <= 8 for size in ran)
+    assert all(torch.equal(a, b) for a, b in zip(before, trained))  # lr 0: the probe trains nothing
+
+    def out_of_memory_above_3(size: int) -> None:
+        if size > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        step(size)
+
+    assert largest_fitting_batch(memory_fits(out_of_memory_above_3, lambda: 0, reset, 10**12), ceiling=16) == 3
+
+
+def test_batch_size_setting_is_checked():
+    from vla_pipeline.training.compute import plan_compute
+
+    assert plan_compute("cpu", "auto", "auto").auto_batch
+    assert not plan_compute("cpu", "auto", None).auto_batch
+    with pytest.raises(ValueError, match="batch_size must be 'auto'"):
+        plan_compute("cpu", "auto", "big")

@@ -111,3 +111,23 @@ def test_resumes_after_kill(small_store, tmp_path):
     assert result["resumed_from"] >= killed_at and result["steps"] == total
     assert not any(line.startswith(f"step {killed_at - 1}/") for line in output.splitlines())
     assert not list(out.glob(".*.tmp")), "a killed write's leftovers outlived the next run"
+
+
+def test_steady_state_rate_and_auto_batch_on_the_cpu(small_store, tmp_path):
+    from vla_pipeline.training.compute import plan_compute
+
+    store, train_ids, val_ids = small_store
+    lines = []
+    result = train(PolicyConfig.tiny(), TrainConfig(epochs=1, batch_size=2, grad_accum=2, log_every=1),
+                   store, train_ids, val_ids, tmp_path, compute=plan_compute("cpu", "auto", "auto"),
+                   log=lines.append)
+    # No GPU to probe: the configured split is kept, and the log says so.
+    assert "batch auto: no GPU to probe, keeping 2 × 2 accumulation" in lines
+    assert (result.batch_size, result.grad_accum) == (2, 2)
+    steps = [line for line in lines if line.startswith("step ")]
+    # The first steps are warm-up (allocation, first kernels); the rate after them is steady state.
+    assert all("(warming up)" in line for line in steps[:3]), steps
+    assert not any("(warming up)" in line for line in steps[3:]), steps
+    assert result.steady_windows_per_s > 0 and result.peak_memory_gib != result.peak_memory_gib  # NaN off CUDA
+    recorded = json.loads((tmp_path / "training.json").read_text())
+    assert recorded["batch"] == [2, 2] and recorded["steady_windows_per_s"] > 0

@@ -220,7 +220,9 @@ def cmd_model(args) -> int:
         row = [f"model {tags.get(f'metric.{metric}_first', '?')}"]
         row += [f"{key.removeprefix('metric.baseline_').removesuffix(f'_{metric}_first')} {tags[key]}"
                 for key in sorted(tags) if key.startswith("metric.baseline_") and key.endswith(f"_{metric}_first")]
-        print(f"{label} (first step, validation): " + " | ".join(row))
+        scored = tags.get("metric.eval_predictions")
+        on = f" on {float(scored):.0f} predictions" if scored is not None else ""
+        print(f"{label} (first step, validation{on}): " + " | ".join(row))
     margin = tags.get("metric.direction_accuracy_margin_first")
     if margin is not None:
         print(f"margin over the best constant baseline (first step): {float(margin):+.4f}")

@@ -143,7 +143,8 @@ def load_backbone(config: PolicyConfig, dtype: torch.dtype | None = None):
     from transformers import Kosmos2Model
 
     source, options = backbone_source(config)
-    model = Kosmos2Model.from_pretrained(source, dtype=dtype or torch.float32, **options)
+    # PyTorch's fused scaled-dot-product attention (flash / memory-efficient kernels on a GPU).
+    model = Kosmos2Model.from_pretrained(source, dtype=dtype or torch.float32, attn_implementation="sdpa", **options)
     return model, load_processor(config).tokenizer
 
 

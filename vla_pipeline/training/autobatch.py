@@ -89,3 +89,22 @@ def plan_batch(effective: int, key: str, probe: Callable[[], int], cache: Path |
     per_step, accumulation = split_effective_batch(effective, largest)
     return BatchPlan(per_step, accumulation, f"batch auto: {largest} windows fit per step ({source}); "
                                              f"{per_step} × {accumulation} accumulation = {per_step * accumulation}")
+
+
+def memory_fits(step: Callable[[int], None], peak_bytes: Callable[[], int], reset: Callable[[], None],
+                limit_bytes: int) -> Callable[[int], bool]:
+    """`fits(batch)` for `largest_fitting_batch`: run one real training `step(batch)` and say
+    whether its peak memory stayed within `limit_bytes`; running out of memory is a no."""
+    import torch
+
+    def fits(batch: int) -> bool:
+        reset()
+        try:
+            step(batch)
+            return peak_bytes() <= limit_bytes
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            reset()
+
+    return fits

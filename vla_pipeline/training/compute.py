@@ -15,6 +15,9 @@ class ComputePlan:
     device: str  # "cuda" or "cpu"
     precision: str  # "bf16", "fp16" or "fp32"
     note: str  # one line for the run log: what was asked, what was granted
+    # Find the largest per-step batch that fits the GPU (autobatch.py) instead of the training
+    # config's; the effective batch stays the config's. The CPU keeps the configured split.
+    auto_batch: bool = False
 
     @property
     def mixed_precision(self) -> str:
@@ -22,8 +25,11 @@ class ComputePlan:
         return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.precision]
 
 
-def plan_compute(device: str = "auto", precision: str = "auto") -> ComputePlan:
-    """Resolve `auto`, and fall back to the CPU (saying so) when no GPU is usable."""
+def plan_compute(device: str = "auto", precision: str = "auto", batch_size: str | None = None) -> ComputePlan:
+    """Resolve `auto`, and fall back to the CPU (saying so) when no GPU is usable.
+    `batch_size`: None keeps the training config's per-step batch, "auto" probes the GPU."""
+    if batch_size not in (None, "auto"):
+        raise ValueError(f"batch_size must be 'auto' or unset (the training config's), not {batch_size!r}")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
     if precision not in PRECISIONS:
@@ -46,4 +52,4 @@ def plan_compute(device: str = "auto", precision: str = "auto") -> ComputePlan:
         precision = "fp16"
     where = torch.cuda.get_device_name(0) if chosen == "cuda" else "CPU"
     granted = f"training on {where} ({chosen}) with {precision}"
-    return ComputePlan(chosen, precision, "; ".join([*notes, granted]))
+    return ComputePlan(chosen, precision, "; ".join([*notes, granted]), auto_batch=batch_size == "auto")

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import get_cosine_schedule_with_warmup
 
+from .autobatch import DEFAULT_MARGIN, cache_key, largest_fitting_batch, memory_fits, plan_batch
 from .checkpoint import PICKLED_STATE, has_checkpoint, load_checkpoint, publish_policy, save_checkpoint
 from .compute import ComputePlan, plan_compute
 from ..policy.model import build_policy, trainable_parameters
@@ -32,6 +33,7 @@ from .windows import WindowDataset, make_loader
 
 CHECKPOINT = "checkpoint"
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+WARMUP_STEPS = 3  # optimizer steps left out of the steady-state windows/s (allocation, autotuning)
 
 
 def keep_trained_in_fp32(policy: torch.nn.Module) -> torch.nn.Module:
@@ -87,6 +89,10 @@ class TrainResult:
     precision: str = ""
     seconds: float = 0.0
     resumed_from_step: int = 0
+    steady_windows_per_s: float = math.nan  # after the first WARMUP_STEPS optimizer steps, all processes
+    peak_memory_gib: float = math.nan  # CUDA only: the most GPU memory allocated at once
+    batch_size: int = 0  # the per-step batch and accumulation that ran (batch_size auto decides them)
+    grad_accum: int = 0
 
 
 def _to_model_batch(batch: dict) -> dict:
@@ -102,14 +108,61 @@ def _to_model_batch(batch: dict) -> dict:
 @torch.no_grad()
 def evaluate_loss(policy, loader, accelerator: Accelerator) -> float:
     policy.eval()
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss × windows, windows
     for batch in loader:
         loss, _ = policy(_to_model_batch(batch))
         size = len(batch["instruction"])
-        total += float(accelerator.gather_for_metrics(loss.detach().reshape(1)).mean()) * size
-        count += size
+        sums += torch.tensor([float(loss) * size, size], dtype=torch.float64, device=accelerator.device)
     policy.train()
+    total, count = accelerator.reduce(sums, reduction="sum").tolist()  # every process's windows
     return total / max(count, 1)
+
+
+def synthetic_batch(config: PolicyConfig, size: int, instruction: str = "Navigate around the obstacle "
+                    "on the left side and reach the cup") -> dict:
+    """`size` windows of random frames and actions, shaped as the loader's (for the batch probe)."""
+    from ..data.schema import IMAGE_SIZE
+
+    generator = torch.Generator().manual_seed(size)
+    shape = (size, config.window, IMAGE_SIZE, IMAGE_SIZE, 3)
+    return {
+        "images": torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator),
+        "instructions": [instruction] * size,
+        "actions": torch.randint(-1, 2, (size, config.window, config.chunk, len(ACTION_DIMS)),
+                                 generator=generator).float(),
+        "action_mask": torch.ones(size, config.window, config.chunk, dtype=torch.bool),
+        "sides": ["left"] * size,
+    }
+
+
+def probe_largest_batch(policy: torch.nn.Module, policy_config: PolicyConfig, precision: str,
+                        margin: float = DEFAULT_MARGIN) -> int:
+    """The largest per-step batch of windows whose training step (forward, backward, AdamW) on
+    this GPU peaks below `1 - margin` of its memory. Changes no weight (lr 0)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    policy.to(device)
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=0.0, weight_decay=0.0, fused=True)
+
+    def step(size: int) -> None:
+        with torch.autocast("cuda", dtype=HALF.get(precision, torch.float32), enabled=precision in HALF):
+            loss, _ = policy(synthetic_batch(policy_config, size))
+        loss.backward()
+        optimizer.step()
+
+    def reset() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    fits = memory_fits(step, lambda: torch.cuda.max_memory_allocated(device), reset, int((1 - margin) * total))
+    try:
+        return largest_fitting_batch(fits)
+    finally:
+        reset()
+        del optimizer
 
 
 def train(
@@ -127,23 +180,37 @@ def train(
     started = time.perf_counter()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in output_dir.glob(".*.tmp"):  # the half-written checkpoint or policy of a killed run
-        shutil.rmtree(leftover, ignore_errors=True)
     compute = compute or plan_compute()
-    log(compute.note)
-    accelerator = Accelerator(
-        cpu=compute.device == "cpu",
-        mixed_precision=compute.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        # A shuffle order fixed by (seed, epoch), so a resumed epoch skips exactly the batches done.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
     set_seed(config.seed)
 
     # Frozen weights in the compute precision (half the memory on a GPU); what trains keeps fp32
     # master weights, which the optimizer updates (autocast runs the matmuls in half precision).
     policy = keep_trained_in_fp32(build_policy(policy_config, dtype=HALF.get(compute.precision)))
     counts = trainable_parameters(policy)
+    per_step, accumulation, batch_note = config.batch_size, config.grad_accum, None
+    if compute.auto_batch and compute.device == "cuda":
+        key = cache_key(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory,
+                        policy_config.to_dict(), compute.precision, DEFAULT_MARGIN)
+        plan = plan_batch(config.batch_size * config.grad_accum, key,
+                          lambda: probe_largest_batch(policy, policy_config, compute.precision))
+        per_step, accumulation, batch_note = plan.per_step, plan.grad_accum, plan.note
+    elif compute.auto_batch:
+        batch_note = f"batch auto: no GPU to probe, keeping {per_step} × {accumulation} accumulation"
+
+    accelerator = Accelerator(
+        cpu=compute.device == "cpu",
+        mixed_precision=compute.mixed_precision,
+        gradient_accumulation_steps=accumulation,
+        # A shuffle order fixed by (seed, epoch), so a resumed epoch skips exactly the batches done.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    main = accelerator.is_main_process
+    if not main:  # one process speaks for all of them
+        log = lambda line: None  # noqa: E731
+    processes = accelerator.num_processes
+    log(compute.note + (f"; {processes} processes" if processes > 1 else ""))
+    if batch_note:
+        log(batch_note)
     log(f"parameters: {counts['trainable']:,} trainable of {counts['total']:,}")
 
     def windows(ids, train):
@@ -158,16 +225,22 @@ def train(
                     **WindowStore(store_path).action_stats(train_ids).to_dict()} if train_ids else {}
     if len(train_set) == 0:
         raise ValueError("no training windows: ingest episodes with at least window + chunk frames first")
-    train_loader = make_loader(train_set, config.batch_size, True, config.loader_workers, config.seed)
-    val_loader = make_loader(val_set, config.batch_size, False, config.loader_workers, config.seed)
-    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
-    total_steps = min(config.max_steps or 10**12, config.epochs * steps_per_epoch)
+    train_loader = make_loader(train_set, per_step, True, config.loader_workers, config.seed)
+    val_loader = make_loader(val_set, per_step, False, config.loader_workers, config.seed)
     trained = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=compute.device == "cuda")
+    # The loaders are sharded per process by prepare(): each process sees 1/N of the windows.
+    policy, optimizer, train_loader, val_loader = accelerator.prepare(policy, optimizer, train_loader, val_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / accumulation)
+    total_steps = min(config.max_steps or 10**12, config.epochs * steps_per_epoch)
+    # Built after prepare() on the per-process step count, and not prepared itself: it steps
+    # once per optimizer step, the same on every process.
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, total_steps // 2), total_steps)
-    policy, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-        policy, optimizer, train_loader, val_loader, scheduler
-    )
+    if main:
+        for leftover in output_dir.glob(".*.tmp"):  # the half-written checkpoint or policy of a killed run
+            shutil.rmtree(leftover, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
     # Resume: the trained weights, optimizer, schedule and position of the last checkpoint.
     step, epoch, batches_done, best_val, history = 0, 0, 0, math.inf, []
@@ -182,11 +255,17 @@ def train(
     resumed_from = step
 
     def checkpoint_now() -> None:
-        save_checkpoint(checkpoint, accelerator.unwrap_model(policy), optimizer, scheduler, {
-            "step": step, "epoch": epoch, "batches_done": batches_done, "best_val": best_val, "history": history})
+        if main:  # the others wait, so none runs ahead of a checkpoint it could resume from
+            save_checkpoint(checkpoint, accelerator.unwrap_model(policy), optimizer, scheduler, {
+                "step": step, "epoch": epoch, "batches_done": batches_done, "best_val": best_val,
+                "history": history})
+        accelerator.wait_for_everyone()
 
+    cuda = accelerator.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
     policy.train()
-    window_count, clock = 0, time.perf_counter()
+    window_count, clock, steady = 0, time.perf_counter(), None  # steady: (windows, time) at warm-up's end
     while epoch < config.epochs and step < total_steps:
         train_set.set_epoch(epoch)
         train_loader.set_epoch(epoch)
@@ -199,19 +278,21 @@ def train(
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trained, config.grad_clip)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
             batches_done += 1
             running += float(loss.detach())
             seen += 1
-            window_count += len(batch["instruction"])
+            window_count += len(batch["instruction"]) * processes
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            if step - resumed_from == WARMUP_STEPS:
+                steady = (window_count, time.perf_counter())
             if step % config.log_every == 0 or step == total_steps:
-                rate = window_count / (time.perf_counter() - clock)
-                log(f"step {step}/{total_steps}  loss {running / seen:.4f}  "
-                    f"lr {scheduler.get_last_lr()[0]:.2e}  {rate:.1f} windows/s")
+                log(f"step {step}/{total_steps}  loss {running / seen:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
+                    f"{throughput(window_count, clock, steady)}" + (f"  peak {peak_gib(accelerator):.1f} GiB" if cuda else ""))
             if step % config.checkpoint_every == 0:
                 checkpoint_now()
             if step >= total_steps:
@@ -220,18 +301,26 @@ def train(
         record = {"epoch": epoch + 1, "step": step, "train_loss": running / max(seen, 1), "val_loss": val_loss}
         history.append(record)
         log(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}")
-        if on_epoch:  # the record, and the policy as it stands after this epoch
+        if on_epoch and main:  # the record, and the policy as it stands after this epoch
             on_epoch(record, accelerator.unwrap_model(policy))
         improved = not val_loss > best_val  # also true for the first epoch and without validation
         best_val = val_loss if improved and not math.isnan(val_loss) else best_val
-        if improved or config.keep == "last":
+        if main and (improved or config.keep == "last"):
             publish_policy(accelerator.unwrap_model(policy), output_dir / "policy",
                            {ACTION_STATS_FILE: json.dumps(action_stats, indent=1)})
         epoch, batches_done = epoch + 1, 0
         checkpoint_now()
 
-    (output_dir / "training.json").write_text(json.dumps(
-        {"train_config": asdict(config), "history": history, "steps": step}, indent=1))
+    steady_rate = math.nan
+    if steady is not None and window_count > steady[0]:
+        steady_rate = (window_count - steady[0]) / (time.perf_counter() - steady[1])
+    peak = peak_gib(accelerator) if cuda else math.nan
+    if main:
+        (output_dir / "training.json").write_text(json.dumps(
+            {"train_config": asdict(config), "history": history, "steps": step, "processes": processes,
+             "batch": [per_step, accumulation], "steady_windows_per_s": steady_rate,
+             "peak_memory_gib": peak}, indent=1))
+    accelerator.wait_for_everyone()
     return TrainResult(
         output_dir=output_dir,
         steps=step,
@@ -243,4 +332,20 @@ def train(
         precision=compute.precision,
         seconds=time.perf_counter() - started,
         resumed_from_step=resumed_from,
+        steady_windows_per_s=steady_rate,
+        peak_memory_gib=peak,
+        batch_size=per_step,
+        grad_accum=accumulation,
     )
+
+
+def throughput(windows: int, clock: float, steady: tuple[int, float] | None) -> str:
+    """Windows/s of every process together: steady state once the warm-up steps are done."""
+    now = time.perf_counter()
+    if steady is not None and windows > steady[0]:
+        return f"{(windows - steady[0]) / (now - steady[1]):.1f} windows/s"
+    return f"{windows / (now - clock):.1f} windows/s (warming up)"
+
+
+def peak_gib(accelerator: Accelerator) -> float:
+    return torch.cuda.max_memory_allocated(accelerator.device) / 2**30
