@@ -19,7 +19,8 @@ from assets.episodes import episode_windows
 from resources import ComputeResource, WindowStoreResource
 from vla_pipeline.policy.policy_config import DEFAULT_BACKBONE, PolicyConfig
 from vla_pipeline.data.schema import ACTION_DIMS
-from vla_pipeline.training.split import Split, load_split, save_split, split_from_store, train_action_stats
+from vla_pipeline.training.split import (Split, load_split, save_split, split_from_store, split_location,
+                                         train_action_stats)
 from vla_pipeline.training.tracking import RUN_ID_FILE, data_snapshot, experiment_id, flat_params, run_link
 
 
@@ -73,7 +74,7 @@ def train_val_split(context: dg.AssetExecutionContext, config: SplitConfig, wind
             "train_action_mean": dict(zip(ACTION_DIMS, stats.mean.round(4).tolist())),
             "train_action_std": dict(zip(ACTION_DIMS, (stats.var**0.5).round(4).tolist())),
             "excluded": dg.MetadataValue.json(split.excluded),
-            "split_file": dg.MetadataValue.path(str(store.path / "split.json")),
+            "split_file": dg.MetadataValue.path(split_location(store)),
         },
     )
 

@@ -34,10 +34,10 @@ from vla_pipeline.policy.bundle import export_bundle
 from vla_pipeline.policy.model import build_policy, load_policy_dir
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.policy.serving import StreamingPolicy, load_bundle
-from vla_pipeline.training.autobatch import largest_fitting_batch
 from vla_pipeline.training.compute import plan_compute
 from vla_pipeline.training.split import split_from_store
-from vla_pipeline.training.train import HALF, TrainConfig, keep_trained_in_fp32, train
+from vla_pipeline.training.train import (HALF, TrainConfig, keep_trained_in_fp32, probe_largest_batch,
+                                         synthetic_batch, train)
 
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else Path("benchmarks/out/gpu")
 QUICK = "--quick" in sys.argv
@@ -116,11 +116,6 @@ def full_config(backbone: Path) -> PolicyConfig:
     return PolicyConfig(backbone=str(backbone), preset="full", window=8, chunk=10)
 
 
-def synthetic_batch(size: int, config: PolicyConfig) -> dict:
-    return {"images": torch.randint(0, 256, (size, config.window, 224, 224, 3), dtype=torch.uint8),
-            "instructions": [LEFT] * size, "actions": torch.rand(size, config.window, config.chunk, 2) * 2 - 1}
-
-
 def train_section() -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -144,55 +139,59 @@ def train_section() -> dict:
                          "device": result.device, "precision": result.precision, "parameters": result.parameters}
 
     policy = keep_trained_in_fp32(build_policy(config, dtype=HALF.get(compute.precision))).to(DEVICE)
+    # The `compute.batch_size: auto` probe itself (real steps until 85% of the card is used).
+    auto = probe_largest_batch(policy, config, compute.precision) if CUDA else 2
+    peak = RESULTS.get("env", {}).get("bf16_matmul_tflops")
+    out["auto_batch"] = auto
+    for size in sorted({2, auto}):
+        out[f"pure_step_b{size}"] = pure_step(policy, config, size, peak, FlopCounterMode)
+    policy.cpu()
+    del policy
+    # Activation checkpointing with LoRA: the memory it saves at batch 2, and what it costs.
+    checkpointed = keep_trained_in_fp32(build_policy(config.replace(gradient_checkpointing=True),
+                                                     dtype=HALF.get(compute.precision))).to(DEVICE)
+    out["checkpointing_b2"] = pure_step(checkpointed, config, 2, peak, FlopCounterMode)
+    del checkpointed
+    if CUDA:
+        torch.cuda.empty_cache()
+    return out
+
+
+def pure_step(policy, config: PolicyConfig, size: int, peak_tflops, counter_mode) -> dict:
+    """A training step (forward, backward, fused AdamW) on synthetic windows, no loader: time,
+    FLOPs (torch.utils.flop_counter), MFU against the measured bf16 matmul rate, peak memory."""
     trained = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=CUDA)
-    peak = RESULTS.get("env", {}).get("bf16_matmul_tflops")
+    batch = synthetic_batch(config, size)
 
-    def step(batch) -> None:
+    def step() -> None:
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss, _ = policy(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def fits(size: int) -> bool:
-        if not CUDA:
-            return size <= 2
-        try:
-            torch.cuda.reset_peak_memory_stats()
-            step(synthetic_batch(size, config))
-            sync()
-            return torch.cuda.max_memory_allocated() <= 0.85 * torch.cuda.get_device_properties(0).total_memory
-        except torch.cuda.OutOfMemoryError:
-            optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            return False
-
-    auto = largest_fitting_batch(fits, ceiling=4 if QUICK else 64)
-    out["auto_batch"] = auto
-    for size in sorted({2, auto}):
-        batch = synthetic_batch(size, config)
-        step(batch)
-        step(batch)
-        sync()
-        with FlopCounterMode(display=False) as counter:
-            step(batch)
-        repeats = 2 if QUICK else 6
-        sync()
-        started = time.perf_counter()
-        for _ in range(repeats):
-            step(batch)
-        sync()
-        seconds = (time.perf_counter() - started) / repeats
-        flops = counter.get_total_flops()
-        out[f"pure_step_b{size}"] = {
-            "s_per_step": round(seconds, 4), "windows_per_s": round(size / seconds, 2),
-            "tflop_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / seconds / 1e12, 1),
-            "mfu": round(flops / seconds / 1e12 / peak, 3) if peak else None}
-    del policy, optimizer
     if CUDA:
         torch.cuda.empty_cache()
-    return out
+        torch.cuda.reset_peak_memory_stats()
+    step()
+    step()
+    sync()
+    with counter_mode(display=False) as counter:
+        step()
+    repeats = 2 if QUICK else 6
+    sync()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    sync()
+    seconds = (time.perf_counter() - started) / repeats
+    flops = counter.get_total_flops()
+    optimizer.state.clear()
+    return {"s_per_step": round(seconds, 4), "windows_per_s": round(size / seconds, 2),
+            "tflop_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / seconds / 1e12, 1),
+            "mfu": round(flops / seconds / 1e12 / peak_tflops, 3) if peak_tflops else None,
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None}
 
 
 def step_hz(policy: StreamingPolicy, repeats: int) -> float:
@@ -239,6 +238,10 @@ def table() -> None:
     rows = [
         ("peak GPU memory, batch 2 × 4", f"{train_.get('train_b2x4', {}).get('peak_gib')} GiB", f"≤ {TARGETS['peak_gib_b2']:.0f} GiB"),
         ("steady windows/s in train(), batch 2 × 4", train_.get("train_b2x4", {}).get("steady_windows_per_s"), ""),
+        ("gradient checkpointing, batch 2: peak GiB, s/step", f"{train_.get('checkpointing_b2', {}).get('peak_gib')}, "
+                                                            f"{train_.get('checkpointing_b2', {}).get('s_per_step')} "
+                                                            f"(without: {train_.get('pure_step_b2', {}).get('peak_gib')}, "
+                                                            f"{train_.get('pure_step_b2', {}).get('s_per_step')})", ""),
         ("pure step, batch 2: windows/s, MFU", f"{train_.get('pure_step_b2', {}).get('windows_per_s')}, "
                                                f"{train_.get('pure_step_b2', {}).get('mfu')}", ""),
         (f"pure step, auto batch {auto}: windows/s, MFU", f"{train_.get(f'pure_step_b{auto}', {}).get('windows_per_s')}, "

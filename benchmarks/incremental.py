@@ -44,7 +44,7 @@ import vla_pipeline.data.ingest as ingest_module
 from vla_pipeline.data.episodes import inspect_episode
 from vla_pipeline.data.ingest import episode_files, ingest_episodes, is_up_to_date
 from vla_pipeline.data.schema import IMAGE_SIZE
-from vla_pipeline.training.split import load_split, save_split, split_from_store, split_path
+from vla_pipeline.training.split import SPLIT_FILE, load_split, save_split, split_from_store
 from vla_pipeline.data.store import WindowStore
 from vla_pipeline.data.watch import FolderState, scan_folder
 
@@ -99,7 +99,7 @@ def set_up(n: int, pool: list[Path], scratch: Path) -> dict:
     state = scan_folder(folder, scan_folder(folder, FolderState(), settle_seconds=0).state, settle_seconds=0).state
     assert sorted(state.handed) == sorted(p.stem for p in pool[:n])
     return {"n": n, "folder": folder, "store": store, "cursor": state.to_json(),
-            "split": split_path(store).read_text(), "stored": len(store.episode_ids())}
+            "split": store.read_text(SPLIT_FILE), "stored": len(store.episode_ids())}
 
 
 def add_one(site: dict, new: Path, pool_dir: Path) -> dict:
@@ -123,7 +123,7 @@ def add_one(site: dict, new: Path, pool_dir: Path) -> dict:
     touched = sorted({name.split(os.sep)[1] for name in written + [n for n in before if n not in after]
                       if name.startswith("episodes" + os.sep)} - {new.stem})
     store.remove_episode(new.stem)
-    split_path(store).write_text(site["split"])
+    store.write_text(SPLIT_FILE, site["split"])
     target.unlink()
     return {"n": site["n"], "new": new.stem, "due": [p.stem for p in scan.due], "touched": touched,
             "status": [o.status for o in outcomes], "opened": sorted(seen["opened"]),

@@ -44,12 +44,42 @@ class StoreError(Exception):
     pass
 
 
+def is_url(location: Path | str) -> bool:
+    """A URL (s3://bucket/store.zarr, gs://…, file:///…) rather than a local path."""
+    return "://" in str(location)
+
+
 class WindowStore:
+    """The store in a local folder: read and written (ingest holds its writer lock). A URL
+    location gives a `RemoteWindowStore` instead: read through fsspec, never written."""
+
+    def __new__(cls, path: Path | str, **kwargs):
+        if cls is WindowStore and is_url(path):
+            return super().__new__(RemoteWindowStore)
+        return super().__new__(cls)
+
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.episodes_dir = self.path / "episodes"
         self.quarantine_dir = self.path / "quarantine"
         self.staging_dir = self.path / ".staging"
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def read_text(self, name: str) -> str | None:
+        """A small file at the store's top level (`split.json`), or None."""
+        try:
+            return (self.path / name).read_text()
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, name: str, text: str) -> None:
+        """Atomically: a reader sees the old content or the new one, also with two writers."""
+        temporary = self.path / f".{name}.{uuid.uuid4().hex}.tmp"
+        temporary.write_text(text)
+        os.replace(temporary, self.path / name)
 
     def create(self, image_size: int) -> WindowStore:
         """Create the store if missing (idempotent) and clear stale staging leftovers."""
@@ -184,3 +214,82 @@ class WindowStore:
             path.unlink()
         except FileNotFoundError:
             pass
+
+
+class RemoteWindowStore(WindowStore):
+    """A store at an fsspec URL — s3://bucket/store.zarr (with `s3fs` installed), gs://, az://,
+    or file:///… — for training and evaluation on another machine than the ingest's. Read only:
+    episodes are written into a local store (atomic renames and OS locks need a local
+    filesystem) and copied to the bucket whole (`aws s3 sync`, `rclone`), with no ingest
+    running meanwhile. Top-level files (`split.json`) are written, one object each.
+    Credentials and endpoints come from the filesystem's own settings (AWS_* variables, …)."""
+
+    def __init__(self, path: Path | str, storage_options: dict | None = None):
+        import fsspec
+
+        self.url = str(path).rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.path = self.url  # what readers re-open the store by (WindowDataset, train processes)
+
+    @property
+    def location(self) -> str:
+        return self.url
+
+    def _read_json(self, key: str) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(f"{self.root}/{key}"))
+        except FileNotFoundError:
+            return None
+
+    def create(self, image_size: int) -> RemoteWindowStore:
+        """Check the store is there with this version's layout (nothing is created)."""
+        root = self._read_json("zarr.json")
+        if root is None:
+            raise StoreError(f"{self.url}: no window store there (ingest into a local store and copy it)")
+        layout = root.get("attributes", {}).get("layout_version")
+        if layout != LAYOUT_VERSION:
+            raise StoreError(f"{self.url}: store layout {layout}, this version reads {LAYOUT_VERSION}")
+        return self
+
+    def _read_only(self, *args, **kwargs):
+        raise StoreError(f"{self.url}: a store at a URL is read only; ingest into a local store "
+                         "(VLA_STORE=path) and copy it there")
+
+    writer_lock = write_episode = quarantine = remove_episode = clear_staging = _read_only
+
+    def episode_ids(self) -> list[str]:
+        found = self.fs.glob(f"{self.root}/episodes/*/zarr.json")
+        return sorted(key.rstrip("/").split("/")[-2] for key in found)
+
+    def quarantined_ids(self) -> list[str]:
+        return sorted(key.rsplit("/", 1)[-1].removesuffix(".json")
+                      for key in self.fs.glob(f"{self.root}/quarantine/*.json"))
+
+    def has_episode(self, episode_id: str) -> bool:
+        return self.fs.exists(f"{self.root}/episodes/{episode_id}/zarr.json")
+
+    def open_episode(self, episode_id: str) -> zarr.Group:
+        if not self.has_episode(episode_id):
+            raise StoreError(f"{self.url}: no stored episode {episode_id!r}")
+        from zarr.storage import FsspecStore
+
+        store = FsspecStore.from_url(f"{self.url}/episodes/{episode_id}", storage_options=self.storage_options,
+                                     read_only=True)
+        return zarr.open_group(store, mode="r")
+
+    def episode_attrs(self, episode_id: str) -> dict | None:
+        group = self._read_json(f"episodes/{episode_id}/zarr.json")
+        return None if group is None else group["attributes"]
+
+    def quarantine_record(self, episode_id: str) -> dict | None:
+        return self._read_json(f"quarantine/{episode_id}.json")
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            return self.fs.cat_file(f"{self.root}/{name}").decode()
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, name: str, text: str) -> None:
+        self.fs.pipe_file(f"{self.root}/{name}", text.encode())  # one PUT: whole or not there

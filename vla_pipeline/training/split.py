@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import xxhash
 
@@ -201,18 +198,16 @@ def train_action_stats(store: WindowStore, split: Split) -> ActionStats:
     return store.action_stats(split.train)
 
 
-def split_path(store: WindowStore) -> Path:
-    return store.path / SPLIT_FILE
+def split_location(store: WindowStore) -> str:
+    return f"{store.location}/{SPLIT_FILE}"
 
 
 def load_split(store: WindowStore) -> Split | None:
     """The split last saved in the store, the `previous` of the next one."""
-    path = split_path(store)
-    return Split.from_dict(json.loads(path.read_text())) if path.is_file() else None
+    text = store.read_text(SPLIT_FILE)
+    return Split.from_dict(json.loads(text)) if text is not None else None
 
 
 def save_split(store: WindowStore, split: Split) -> None:
     """Atomically: a reader sees the old split or the new one, also with two savers at once."""
-    temporary = split_path(store).with_name(f".split.{uuid.uuid4().hex}.tmp")
-    temporary.write_text(json.dumps(split.to_dict(), indent=1))
-    os.replace(temporary, split_path(store))
+    store.write_text(SPLIT_FILE, json.dumps(split.to_dict(), indent=1))

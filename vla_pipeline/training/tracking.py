@@ -23,9 +23,12 @@ def tracking_uri() -> str:
 
 
 def artifact_root(uri: str) -> str | None:
-    """Where a new experiment of a sqlite store keeps its artifacts: an `artifacts` folder
-    beside the database (MLflow's own default is ./mlruns under the working directory,
-    wherever the database is). Other stores (a tracking server) choose for themselves."""
+    """Where a new experiment keeps its artifacts: VLA_ARTIFACT_ROOT when set (any URL MLflow
+    stores artifacts at: file://, s3://, gs://, …); else, for a sqlite store, an `artifacts`
+    folder beside the database (MLflow's own default is ./mlruns under the working directory,
+    wherever the database is). Otherwise the store (a tracking server) chooses."""
+    if os.environ.get("VLA_ARTIFACT_ROOT"):
+        return os.environ["VLA_ARTIFACT_ROOT"]
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()

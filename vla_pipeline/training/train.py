@@ -162,7 +162,6 @@ def probe_largest_batch(policy: torch.nn.Module, policy_config: PolicyConfig, pr
         return largest_fitting_batch(fits)
     finally:
         reset()
-        del optimizer
 
 
 def train(

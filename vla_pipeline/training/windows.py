@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.episodes import ValidationRules, inspect_episode, model_frame
 from ..policy.preprocess import normalise_actions
 from ..data.schema import ACTION_SCALE, IMAGE_SIZE, window_starts
-from ..data.store import WindowStore
+from ..data.store import WindowStore, is_url
 
 _SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 _OTHER_SIDE = {"left": "right", "right": "left"}
@@ -108,7 +108,7 @@ class WindowDataset(Dataset):
 
     def __init__(self, store_path, episode_ids, window: int, chunk: int, action_scale: float = ACTION_SCALE,
                  train: bool = False, mirror_prob: float = 0.5, colour_jitter: float = 0.1, seed: int = 0):
-        self.store_path = Path(store_path)
+        self.store_path = store_path if is_url(store_path) else Path(store_path)  # an fsspec URL stays one
         self.window, self.chunk, self.action_scale = window, chunk, action_scale
         self.train, self.mirror_prob, self.colour_jitter, self.seed = train, mirror_prob, colour_jitter, seed
         store = WindowStore(self.store_path)
