@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/inference.py [--steps 30 --repeats 30] [--full-steps 5 --full-repeats 3]
     .venv/bin/python benchmarks/inference.py --skip-full        (only the tiny case)
+    .venv/bin/python benchmarks/inference.py --only merged      (the deploy bundle vs the registry policy)
 
 Each case runs in its own subprocess (`--case tiny|full`), so its peak RSS (ru_maxrss) is its own:
   recompute   policy.predict on one full window (B=1, W=window): the backbone encodes all W frames
@@ -173,6 +174,7 @@ def main() -> int:
     parser.add_argument("--quiet-wait", type=float, default=30, help="max s to wait for a quiet CPU (30)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--skip-merged", action="store_true", help="leave out the merged-bundle case")
+    parser.add_argument("--only", choices=["tiny", "full", "merged"], help="run this case alone")
     parser.add_argument("--case", choices=["tiny", "full", "merged"], help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,6 +189,7 @@ def main() -> int:
           f"input 224x224 RGB uint8 frames to both paths", flush=True)
     rows, failed = [], []
     cases = ["tiny"] + ([] if args.skip_full else ["full"]) + ([] if args.skip_full or args.skip_merged else ["merged"])
+    cases = [args.only] if args.only else cases
     for case in cases:
         with tempfile.TemporaryDirectory(dir=OUT) as scratch:
             result = Path(scratch) / "result.json"

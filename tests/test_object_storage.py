@@ -93,3 +93,21 @@ def test_mlflow_artifacts_go_to_the_artifact_root_url(tmp_path, monkeypatch):
     fetched = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="policy",
                                                   dst_path=str(tmp_path / "fetched"))
     assert (tmp_path / "fetched" / "policy" / "policy_config.json").is_file(), fetched
+
+
+def test_cli_ingest_into_a_url_store_is_a_clear_error(copied_store, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, url = copied_store
+    folder = tmp_path / "drop"
+    write_episode_file(folder / "episode_20250620_101502_1box_hori_left_core_far.h5", frames=20, height=48, width=64)
+    env = {**os.environ, "VLA_STORE": url, "DAGSTER_HOME": str(tmp_path / "home")}
+    done = subprocess.run([str(Path(sys.executable).with_name("vla-pipeline")), "ingest", str(folder)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "a store at a URL is read only; ingest into a local store" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "episode_20250620_101502_1box_hori_left_core_far" not in WindowStore(url).episode_ids()

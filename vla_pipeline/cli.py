@@ -13,7 +13,7 @@ from .data.ingest import episode_files, is_up_to_date
 from .data.locks import exclusive
 from .data.pending import DEFAULT_MAX_PENDING_SECONDS, pending_reason
 from .data.schema import parse_scenario
-from .data.store import StoreError, WindowStore
+from .data.store import StoreError, WindowStore, is_url
 from .evaluation.gate import CHAMPION, DEFAULT_MODEL_NAME
 
 
@@ -59,7 +59,13 @@ def cmd_ingest(args) -> int:
     from .definitions import ingest_partitions, resource
 
     window_store, episode_folder = resource("window_store"), resource("episode_folder")
-    store = window_store.open()
+    try:
+        if is_url(window_store.path):  # object storage has no rename or lock to publish episodes with
+            WindowStore(window_store.path).writer_lock()
+        store = window_store.open()
+    except StoreError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     new = [f for f in files if not is_up_to_date(store, f, window_store.rules)]
     unfinished = {f.stem: reason for f in new if (reason := episode_folder.pending_reason(f))}
     pending = [f for f in new if f.stem not in unfinished]
