@@ -201,14 +201,15 @@ def main() -> int:
     merged = [row for row in rows if row["case"] == "merged"]
     rows = [row for row in rows if row["case"] != "merged"]
 
-    print("\n| case | window | recompute ms/step | streaming ms/step | ratio | ideal 1/W | peak RSS |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        row["ratio"] = row["streaming_ms"] / row["recompute_ms"]
-        name = f"{row['case']} ({row['dtype']})" + (" (busy)" if row["busy"] else "")
-        print(f"| {name} | {row['window']} | {row['recompute_ms']:.1f} | {row['streaming_ms']:.1f} | "
-              f"{row['ratio']:.3f}x | {1 / row['window']:.3f}x | {size(row['peak_rss_bytes'])} |")
-    print("median of the repeats; target <= 0.2x (the tiny preset's window 3 allows at best 0.33x)")
+    if rows:
+        print("\n| case | window | recompute ms/step | streaming ms/step | ratio | ideal 1/W | peak RSS |")
+        print("|---|---|---|---|---|---|---|")
+        for row in rows:
+            row["ratio"] = row["streaming_ms"] / row["recompute_ms"]
+            name = f"{row['case']} ({row['dtype']})" + (" (busy)" if row["busy"] else "")
+            print(f"| {name} | {row['window']} | {row['recompute_ms']:.1f} | {row['streaming_ms']:.1f} | "
+                  f"{row['ratio']:.3f}x | {1 / row['window']:.3f}x | {size(row['peak_rss_bytes'])} |")
+        print("median of the repeats; target <= 0.2x (the tiny preset's window 3 allows at best 0.33x)")
     for row in rows:
         print(f"{row['case']}: streaming vs predict, max |diff| {row['max_abs_diff']:.2e} "
               f"(<= {row['tolerance']:.0e}): {'ok' if row['match'] else 'MISMATCH'}; "

@@ -86,3 +86,34 @@ def test_lora_adapter_trains_the_cpu_preset_and_records_mlflow(episode_dir, tmp_
     assert "val_loss" in run.data.metrics and "best_val_loss" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "policy")}
     assert "policy/policy_config.json" in artifacts
+
+
+def test_lora_adapter_trains_in_two_processes_and_streams_their_log(episode_dir, tmp_path, monkeypatch):
+    import mlflow
+
+    from assets.training import lora_adapter
+    from resources import ComputeResource
+    from vla_pipeline.policy.model import load_policy_dir
+
+    store_path = tmp_path / "store.zarr"
+    _ingest(episode_dir, store_path, 4)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("VLA_MODELS", str(tmp_path / "models"))
+    config = {"model": "tiny", "train": {"epochs": 2, "batch_size": 1, "grad_accum": 1, "log_every": 1}}
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize(
+            [train_val_split, lora_adapter], instance=instance,
+            resources={"window_store": WindowStoreResource(path=str(store_path)),
+                       "compute": ComputeResource(device="cpu", processes=2)},
+            run_config={"ops": {"lora_adapter": {"config": config}}},
+        )
+        assert result.success
+        messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any(m.startswith("launching 2 training processes") for m in messages), messages
+    assert any("2 processes" in m and m.startswith("training on CPU") for m in messages), messages
+    assert sum(m.startswith("epoch 2:") for m in messages) == 1  # the main process's lines, once
+    metadata = result.asset_materializations_for_node("lora_adapter")[0].metadata
+    assert metadata["batch"].value == "1 × 1 accumulation × 2 processes" and metadata["epochs"].value == 2
+    run = mlflow.get_run(metadata["mlflow_run_id"].value)
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
+    load_policy_dir(result.output_for_node("lora_adapter"))
