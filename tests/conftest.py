@@ -119,6 +119,22 @@ def episode_dir(tmp_path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    """(store, train ids, val ids): 4 small 20-frame episodes ingested, 3 for training, 1 for validation."""
+    from vla_pipeline.data.ingest import ingest_episodes
+
+    folder = tmp_path_factory.mktemp("episodes")
+    paths = [
+        write_episode_file(folder / f"episode_2025061{i}_101502_1box_hori_{('left', 'right')[i % 2]}_core_far.h5",
+                           frames=20, height=48, width=64, seed=i)
+        for i in range(4)
+    ]
+    store = tmp_path_factory.mktemp("store") / "store.zarr"
+    ingest_episodes(paths, store)
+    return store, [p.stem for p in paths[:3]], [paths[3].stem]
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone_path(tmp_path_factory) -> Path:
     """A tiny Kosmos-2 written with save_pretrained, loaded back through from_pretrained."""

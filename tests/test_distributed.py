@@ -12,9 +12,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import write_episode_file
 
-from vla_pipeline.data.ingest import ingest_episodes
 from vla_pipeline.policy.model import load_policy_dir
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.training.checkpoint import STATE_JSON
@@ -28,29 +26,16 @@ CONFIG = TrainConfig(epochs=2, batch_size=1, grad_accum=1, checkpoint_every=2, l
 STEPS = 2 * TRAIN_WINDOWS // 2
 
 
-@pytest.fixture(scope="module")
-def split_store(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("episodes")
-    paths = [
-        write_episode_file(folder / f"episode_2025061{i}_101502_1box_hori_{('left', 'right')[i % 2]}_core_far.h5",
-                           frames=20, height=48, width=64, seed=i)
-        for i in range(4)
-    ]
-    store = tmp_path_factory.mktemp("store") / "store.zarr"
-    ingest_episodes(paths, store)
-    return store, [p.stem for p in paths[:3]], [paths[3].stem]
-
-
-def spec_for(split_store, out):
-    store, train_ids, val_ids = split_store
+def spec_for(small_store, out):
+    store, train_ids, val_ids = small_store
     return write_spec(out, PolicyConfig.tiny().to_dict(), asdict(CONFIG), str(store), train_ids, val_ids,
                       device="cpu")
 
 
-def test_two_processes_train_one_policy(split_store, tmp_path):
+def test_two_processes_train_one_policy(small_store, tmp_path):
     out = tmp_path / "run"
     lines: list[str] = []
-    result = run_distributed(spec_for(split_store, out), 2, log=lines.append)
+    result = run_distributed(spec_for(small_store, out), 2, log=lines.append)
 
     assert result.steps == STEPS and result.epochs == 2, lines
     assert any("2 processes" in line for line in lines), lines
@@ -70,9 +55,9 @@ def test_two_processes_train_one_policy(split_store, tmp_path):
     assert actions.shape == (1, policy.config.chunk, 2) and torch.isfinite(actions).all()
 
 
-def test_killed_run_resumes_to_the_same_step_count(split_store, tmp_path):
+def test_killed_run_resumes_to_the_same_step_count(small_store, tmp_path):
     out = tmp_path / "run"
-    spec = spec_for(split_store, out)
+    spec = spec_for(small_store, out)
     first = subprocess.Popen(launch_command(spec, 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     state_file = out / CHECKPOINT / STATE_JSON
@@ -95,8 +80,8 @@ def test_killed_run_resumes_to_the_same_step_count(split_store, tmp_path):
     load_policy_dir(out / "policy")
 
 
-def test_a_failing_process_is_a_clear_error(split_store, tmp_path):
-    store, train_ids, val_ids = split_store
+def test_a_failing_process_is_a_clear_error(small_store, tmp_path):
+    store, train_ids, val_ids = small_store
     spec = write_spec(tmp_path / "run", PolicyConfig.tiny().to_dict(), asdict(CONFIG), str(store), [], val_ids,
                       device="cpu")
     with pytest.raises(RuntimeError, match="no training windows"):

@@ -11,9 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_episode_file
 
-from vla_pipeline.data.ingest import ingest_episodes
 from vla_pipeline.policy.model import load_policy_dir
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.training.checkpoint import STATE_JSON
@@ -37,19 +35,6 @@ result = train(PolicyConfig.tiny(), TrainConfig(**args["train"]), args["store"],
                args["val_ids"], args["out"], log=lambda line: print(line, flush=True))
 print("RESULT", json.dumps({"steps": result.steps, "resumed_from": result.resumed_from_step}), flush=True)
 """
-
-
-@pytest.fixture(scope="module")
-def small_store(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("episodes")
-    paths = [
-        write_episode_file(folder / f"episode_2025061{i}_101502_1box_hori_{('left', 'right')[i % 2]}_core_far.h5",
-                           frames=20, height=48, width=64, seed=i)
-        for i in range(4)
-    ]
-    store = tmp_path_factory.mktemp("store") / "store.zarr"
-    ingest_episodes(paths, store)
-    return store, [p.stem for p in paths[:3]], [paths[3].stem]
 
 
 def test_training_saves_only_what_trains(small_store, tmp_path):

@@ -55,16 +55,22 @@ def test_split_asset_fails_clearly_on_an_empty_store(tmp_path):
         dg.materialize([train_val_split], resources={"window_store": WindowStoreResource(path=str(tmp_path / "s.zarr"))})
 
 
+def _training_setup(episode_dir, tmp_path, monkeypatch) -> Path:
+    """4 ingested episodes; MLflow and the models folder in tmp_path. Returns the store path."""
+    store_path = tmp_path / "store.zarr"
+    _ingest(episode_dir, store_path, 4)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("VLA_MODELS", str(tmp_path / "models"))
+    return store_path
+
+
 def test_lora_adapter_trains_the_cpu_preset_and_records_mlflow(episode_dir, tmp_path, monkeypatch):
     import mlflow
 
     from assets.training import lora_adapter
     from resources import ComputeResource
 
-    store_path = tmp_path / "store.zarr"
-    _ingest(episode_dir, store_path, 4)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("VLA_MODELS", str(tmp_path / "models"))
+    store_path = _training_setup(episode_dir, tmp_path, monkeypatch)
     config = {"model": "tiny", "train": {"epochs": 1, "batch_size": 2, "grad_accum": 1, "log_every": 5}}
     result = dg.materialize(
         [train_val_split, lora_adapter],
@@ -95,10 +101,7 @@ def test_lora_adapter_trains_in_two_processes_and_streams_their_log(episode_dir,
     from resources import ComputeResource
     from vla_pipeline.policy.model import load_policy_dir
 
-    store_path = tmp_path / "store.zarr"
-    _ingest(episode_dir, store_path, 4)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("VLA_MODELS", str(tmp_path / "models"))
+    store_path = _training_setup(episode_dir, tmp_path, monkeypatch)
     config = {"model": "tiny", "train": {"epochs": 2, "batch_size": 1, "grad_accum": 1, "log_every": 1}}
     with dg.DagsterInstance.ephemeral() as instance:
         result = dg.materialize(
