@@ -264,12 +264,16 @@ def train(
     if cuda:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     policy.train()
-    window_count, clock, steady = 0, time.perf_counter(), None  # steady: (windows, time) at warm-up's end
+    # Steady state: the windows and seconds of optimizer steps after the warm-up ones, between
+    # steps only (validation passes and checkpoints are not training time).
+    window_count, clock, steady = 0, time.perf_counter(), [0, 0.0]
+    step_windows, since = 0, None
     while epoch < config.epochs and step < total_steps:
         train_set.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         running, seen = 0.0, 0
         epoch_loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+        since = None if step - resumed_from < WARMUP_STEPS else time.perf_counter()
         for batch in epoch_loader:
             with accelerator.accumulate(policy):
                 loss, _ = policy(_to_model_batch(batch))
@@ -284,11 +288,16 @@ def train(
             running += float(loss.detach())
             seen += 1
             window_count += len(batch["instruction"]) * processes
+            step_windows += len(batch["instruction"]) * processes
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            if step - resumed_from == WARMUP_STEPS:
-                steady = (window_count, time.perf_counter())
+            now = time.perf_counter()
+            if step - resumed_from > WARMUP_STEPS and since is not None:
+                steady[0], steady[1] = steady[0] + step_windows, steady[1] + now - since
+            if step - resumed_from >= WARMUP_STEPS:
+                since = now
+            step_windows = 0
             if step % config.log_every == 0 or step == total_steps:
                 log(f"step {step}/{total_steps}  loss {running / seen:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
                     f"{throughput(window_count, clock, steady)}" + (f"  peak {peak_gib(accelerator):.1f} GiB" if cuda else ""))
@@ -310,9 +319,7 @@ def train(
         epoch, batches_done = epoch + 1, 0
         checkpoint_now()
 
-    steady_rate = math.nan
-    if steady is not None and window_count > steady[0]:
-        steady_rate = (window_count - steady[0]) / (time.perf_counter() - steady[1])
+    steady_rate = steady[0] / steady[1] if steady[1] > 0 else math.nan
     peak = peak_gib(accelerator) if cuda else math.nan
     if main:
         (output_dir / "training.json").write_text(json.dumps(
@@ -338,12 +345,11 @@ def train(
     )
 
 
-def throughput(windows: int, clock: float, steady: tuple[int, float] | None) -> str:
+def throughput(windows: int, clock: float, steady: list) -> str:
     """Windows/s of every process together: steady state once the warm-up steps are done."""
-    now = time.perf_counter()
-    if steady is not None and windows > steady[0]:
-        return f"{(windows - steady[0]) / (now - steady[1]):.1f} windows/s"
-    return f"{windows / (now - clock):.1f} windows/s (warming up)"
+    if steady[1] > 0:
+        return f"{steady[0] / steady[1]:.1f} windows/s"
+    return f"{windows / (time.perf_counter() - clock):.1f} windows/s (warming up)"
 
 
 def peak_gib(accelerator: Accelerator) -> float:
