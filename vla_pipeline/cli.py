@@ -60,9 +60,9 @@ def cmd_ingest(args) -> int:
 
     window_store, episode_folder = resource("window_store"), resource("episode_folder")
     try:
-        if is_url(window_store.path):  # object storage has no rename or lock to publish episodes with
-            WindowStore(window_store.path).writer_lock()
         store = window_store.open()
+        if is_url(store.location):  # object storage has no rename or lock to publish episodes with
+            store.writer_lock()  # says so
     except StoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -14,12 +14,12 @@ device, precision, batch size). The main process writes `result.json` beside the
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -68,14 +68,14 @@ def run_distributed(spec: Path, processes: int, log: Callable[[str], None] = pri
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
     command = launch_command(spec, processes)
     log(f"launching {processes} training processes: {' '.join(command[1:])}")
-    tail: list[str] = []
+    tail: deque[str] = deque(maxlen=40)
     failures: list[str] = []  # each failed process's one-line reason (main() below prints it)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                           preexec_fn=_die_with_parent) as child:
         try:
             for line in child.stdout:
                 line = line.rstrip()
-                tail = [*tail[-39:], line]
+                tail.append(line)
                 if line.startswith("[rank") and "] FAILED " in line:
                     failures.append(line)
                 elif line.startswith("[rank0] "):  # the main process's lines: the run log
@@ -87,7 +87,6 @@ def run_distributed(spec: Path, processes: int, log: Callable[[str], None] = pri
         reasons = "\n".join(failures) or f"torchrun exited with {child.returncode}"
         raise RuntimeError(f"distributed training failed:\n{reasons}\nits last output lines:\n" + "\n".join(tail))
     data = json.loads((Path(json.loads(spec.read_text())["output_dir"]) / RESULT_FILE).read_text())
-    data = {key: math.nan if value is None else value for key, value in data.items()}  # JSON has no NaN
     return TrainResult(**{**data, "output_dir": Path(data["output_dir"])})
 
 
@@ -115,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         return 1
     if rank == "0":
-        data = {**asdict(result), "output_dir": str(result.output_dir)}
-        data = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in data.items()}
+        data = {**asdict(result), "output_dir": str(result.output_dir)}  # NaN stays NaN (Python's json)
         target = Path(spec["output_dir"]) / RESULT_FILE
         temporary = target.with_name(f".{RESULT_FILE}.tmp")
         temporary.write_text(json.dumps(data, indent=1))
