@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -186,6 +189,26 @@ def test_unknown_layout_version_is_refused(tmp_path):
     root.attrs["layout_version"] = 99
     with pytest.raises(StoreError, match="layout 99"):
         WindowStore(tmp_path / "old.zarr").create(224)
+
+
+RACE = """
+import sys, time
+from vla_pipeline.data.store import WindowStore
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+WindowStore(sys.argv[1]).create(224)
+"""
+
+
+def test_processes_racing_to_create_the_store_all_open_it(tmp_path):
+    """The sensor and `vla-pipeline ingest` start together on a new store path."""
+    for trial in range(3):
+        path, start = tmp_path / f"store{trial}.zarr", time.time() + 4
+        racers = [subprocess.Popen([sys.executable, "-c", RACE, str(path), str(start)], stderr=subprocess.PIPE,
+                                   text=True) for _ in range(6)]
+        errors = [racer.communicate(timeout=120)[1] for racer in racers]
+        assert all(racer.returncode == 0 for racer in racers), "\n".join(errors)
+        assert zarr.open_group(path, mode="r").attrs["layout_version"] == store_module.LAYOUT_VERSION
 
 
 def test_merged_statistics_equal_a_full_rescan(episode_dir, store):

@@ -11,11 +11,12 @@ Layout (Zarr v3):
       quarantine/<episode_id>.json  rejected episodes: reason and source hash
       .staging/                     episodes being written; never read
       .writer.lock                  held by the process writing into the store, and who it is
+      .create.lock                  held for a moment by whoever creates or opens the store
 
 An episode is written whole under .staging/ and renamed into episodes/, so a crash
 mid-write leaves nothing half-visible. Writers take the store's lock (`writer_lock`), so
 ingests that overlap run one after the other; the lock goes with its process, also when
-that process is killed.
+that process is killed. Processes that open a new store path at once create it once.
 """
 
 from __future__ import annotations
@@ -82,18 +83,20 @@ class WindowStore:
         os.replace(temporary, self.path / name)
 
     def create(self, image_size: int) -> WindowStore:
-        """Create the store if missing (idempotent) and clear stale staging leftovers."""
-        if (self.path / "zarr.json").exists():
-            layout = zarr.open_group(self.path, mode="r").attrs.get("layout_version")
-            if layout != LAYOUT_VERSION:
-                raise StoreError(
-                    f"{self.path}: store layout {layout}, this version reads {LAYOUT_VERSION}; "
-                    "point VLA_STORE at a new path to rebuild it"
-                )
-        else:
-            root = zarr.open_group(self.path, mode="a")
-            root.attrs.update({"layout_version": LAYOUT_VERSION, "image_size": image_size})
-            root.require_group("episodes")
+        """Create the store if missing (idempotent, also when processes race to create it) and
+        clear stale staging leftovers."""
+        with exclusive(self.path / ".create.lock", f"creating {self.path}"):
+            if (self.path / "zarr.json").exists():
+                layout = zarr.open_group(self.path, mode="r").attrs.get("layout_version")
+                if layout != LAYOUT_VERSION:
+                    raise StoreError(
+                        f"{self.path}: store layout {layout}, this version reads {LAYOUT_VERSION}; "
+                        "point VLA_STORE at a new path to rebuild it"
+                    )
+            else:  # the attributes go into the group's first zarr.json: no reader sees it without them
+                root = zarr.create_group(self.path, attributes={"layout_version": LAYOUT_VERSION,
+                                                                 "image_size": image_size})
+                root.require_group("episodes")
         for folder in (self.episodes_dir, self.quarantine_dir, self.staging_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._clear_stale_staging()
@@ -106,7 +109,11 @@ class WindowStore:
     def _clear_stale_staging(self, max_age_s: float = STAGING_MAX_AGE_S) -> None:
         now = time.time()
         for leftover in self.staging_dir.iterdir():
-            if now - leftover.stat().st_mtime > max_age_s:
+            try:
+                age = now - leftover.stat().st_mtime
+            except FileNotFoundError:  # another process cleared or published it meanwhile
+                continue
+            if age > max_age_s:
                 shutil.rmtree(leftover, ignore_errors=True)
 
     def clear_staging(self) -> None:
