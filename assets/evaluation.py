@@ -108,7 +108,7 @@ def evaluation_metrics(
     margin = result["margin"]["first"]
     context.log.info(
         f"direction accuracy {numbers['direction_accuracy_first']:.3f} (first step, "
-        f"{numbers['eval_predictions']:.0f} validation predictions), "
+        f"{numbers['predictions']:.0f} validation predictions), "
         f"{margin['direction_accuracy_margin']:+.3f} over the best constant baseline ({margin['best_accuracy_baseline']}), "
         f"scripted replay {numbers.get('baseline_scripted_replay_direction_accuracy_first', float('nan')):.3f}, "
         f"instruction flip {numbers.get('instruction_flip_fraction_first', float('nan')):.2f}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import cv2
 import dagster as dg
@@ -185,6 +186,7 @@ def test_cli_model_and_predict(env, registered, capsys):
     assert cli.main(["model", "--model-uri", f"models:/{NAME}@champion"]) == 0
     shown = capsys.readouterr().out
     assert "version 1" in shown and "always_forward" in shown
+    assert re.search(r"direction accuracy \(first step, validation on [1-9]\d* predictions\)", shown), shown
     episode = env["paths"][0]
     assert cli.main(["predict", "--model-uri", f"models:/{NAME}@champion", str(episode)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -194,7 +196,7 @@ def test_cli_model_and_predict(env, registered, capsys):
 
 
 @pytest.mark.parametrize("uri, message", [
-    (f"models:/no-such-model@champion", "no registered model 'no-such-model'"),
+    ("models:/no-such-model@champion", "no registered model 'no-such-model'"),
     (f"models:/{NAME}@gold", "has no alias 'gold' (aliases: @challenger → v2, @champion → v1)"),
     (f"models:/{NAME}/99", "has no version 99"),
     ("models:/", "expected models:/<name>@<alias>"),

@@ -181,5 +181,5 @@ def headline(result: dict) -> dict[str, float]:
             out[f"direction_accuracy_margin_over_replay_{steps}"] = result["margin_over_replay"][steps]
     for key, value in sensitivity.items():
         out[f"instruction_{key}"] = value
-    out["eval_predictions"] = result["predictions"]
+    out["predictions"] = result["predictions"]
     return {key: float(value) for key, value in out.items()}
