@@ -95,6 +95,15 @@ def test_mlflow_artifacts_go_to_the_artifact_root_url(tmp_path, monkeypatch):
     assert (tmp_path / "fetched" / "policy" / "policy_config.json").is_file(), fetched
 
 
+def test_run_links_point_at_the_tracking_server(tmp_path, monkeypatch):
+    from vla_pipeline.training.tracking import run_link
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://vla-server:5000/")
+    assert run_link("abc", "7") == "http://vla-server:5000/#/experiments/7/runs/abc"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run_link("abc", "7") == "http://127.0.0.1:5000/#/experiments/7/runs/abc"  # `mlflow ui` on the local store
+
+
 def test_cli_ingest_into_a_url_store_is_a_clear_error(copied_store, tmp_path):
     import os
     import subprocess

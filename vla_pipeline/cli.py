@@ -226,7 +226,7 @@ def cmd_model(args) -> int:
         row = [f"model {tags.get(f'metric.{metric}_first', '?')}"]
         row += [f"{key.removeprefix('metric.baseline_').removesuffix(f'_{metric}_first')} {tags[key]}"
                 for key in sorted(tags) if key.startswith("metric.baseline_") and key.endswith(f"_{metric}_first")]
-        scored = tags.get("metric.predictions")
+        scored = tags.get("metric.predictions", tags.get("metric.eval_predictions"))  # versions registered before the rename
         on = f" on {float(scored):.0f} predictions" if scored is not None else ""
         print(f"{label} (first step, validation{on}): " + " | ".join(row))
     margin = tags.get("metric.direction_accuracy_margin_first")

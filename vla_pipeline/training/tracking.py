@@ -70,8 +70,11 @@ def flat_params(prefix: str, values: dict) -> dict[str, str]:
 
 
 def run_link(run_id: str, experiment: str) -> str:
-    """The run's page in an MLflow UI served on its default address."""
-    return f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}"
+    """The run's page in the MLflow UI: the tracking server when MLFLOW_TRACKING_URI is one
+    (the team deployment), else `mlflow ui`'s default address for the local sqlite store."""
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
 
 
 def training_run_id(policy_dir: Path | str) -> str | None:
