@@ -1,4 +1,4 @@
-"""Publishing a directory whole: readers see the old one or the new one, never a half-written one."""
+"""Publishing a file or a directory whole: readers see the old one or the new one, never a half-written one."""
 
 from __future__ import annotations
 
@@ -22,3 +22,12 @@ def replace_directory(staging: Path, final: Path, trash: Path | None = None) -> 
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, final)
+
+
+def write_text(path: Path | str, text: str) -> None:
+    """Write `path` through a uniquely named temporary beside it, renamed over it: also with
+    several writers at once, every reader sees one whole version."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

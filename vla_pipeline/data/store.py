@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .atomic import replace_directory
+from .atomic import replace_directory, write_text
 from .locks import exclusive
 from .stats import ActionStats
 
@@ -78,9 +78,7 @@ class WindowStore:
 
     def write_text(self, name: str, text: str) -> None:
         """Atomically: a reader sees the old content or the new one, also with two writers."""
-        temporary = self.path / f".{name}.{uuid.uuid4().hex}.tmp"
-        temporary.write_text(text)
-        os.replace(temporary, self.path / name)
+        write_text(self.path / name, text)
 
     def create(self, image_size: int) -> WindowStore:
         """Create the store if missing (idempotent, also when processes race to create it) and
@@ -203,9 +201,7 @@ class WindowStore:
     def quarantine(self, episode_id: str, record: dict) -> None:
         """Record a rejected episode and withdraw any earlier stored version of it."""
         record = {**record, "quarantined_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        temporary = self.quarantine_dir / f".{episode_id}.{uuid.uuid4().hex}.tmp"
-        temporary.write_text(json.dumps(record, indent=1))
-        os.replace(temporary, self.quarantine_dir / f"{episode_id}.json")
+        write_text(self.quarantine_dir / f"{episode_id}.json", json.dumps(record, indent=1))
         self.remove_episode(episode_id)
 
     def remove_episode(self, episode_id: str) -> None:

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.atomic import write_text
+
 DEFAULT_MARGIN = 0.15  # of the card's memory, left for fragmentation and the evaluation pass
 MAX_PROBED_BATCH = 256
 
@@ -83,9 +85,7 @@ def plan_batch(effective: int, key: str, probe: Callable[[], int], cache: Path |
     else:
         largest, source = probe(), "probed"
         cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({**known, key: largest}, indent=1))
-        os.replace(temporary, cache)
+        write_text(cache, json.dumps({**known, key: largest}, indent=1))
     per_step, accumulation = split_effective_batch(effective, largest)
     return BatchPlan(per_step, accumulation, f"batch auto: {largest} windows fit per step ({source}); "
                                              f"{per_step} × {accumulation} accumulation = {per_step * accumulation}")

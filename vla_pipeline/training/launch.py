@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from ..data.atomic import write_text
+
 RESULT_FILE = "result.json"
 SPEC_FILE = "launch.json"
 
@@ -115,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if rank == "0":
         data = {**asdict(result), "output_dir": str(result.output_dir)}  # NaN stays NaN (Python's json)
-        target = Path(spec["output_dir"]) / RESULT_FILE
-        temporary = target.with_name(f".{RESULT_FILE}.tmp")
-        temporary.write_text(json.dumps(data, indent=1))
-        os.replace(temporary, target)
+        write_text(Path(spec["output_dir"]) / RESULT_FILE, json.dumps(data, indent=1))
     return 0
 
 
