@@ -29,7 +29,7 @@ import torch
 from vla_pipeline.data.ingest import ingest_episodes
 from vla_pipeline.data.samples import write_sample_episodes
 from vla_pipeline.data.store import WindowStore
-from vla_pipeline.policy.backbone import build_tiny_backbone
+from vla_pipeline.policy.backbone import build_local_backbone
 from vla_pipeline.policy.bundle import export_bundle
 from vla_pipeline.policy.model import build_policy, load_policy_dir
 from vla_pipeline.policy.policy_config import PolicyConfig
@@ -107,7 +107,7 @@ def random_backbone() -> Path:
     finally:
         torch.set_default_dtype(default)
     model.save_pretrained(folder)
-    build_tiny_backbone()[1].save_pretrained(folder)  # a processor; its ids fit the real vocabulary
+    build_local_backbone("tiny")[1].save_pretrained(folder)  # a processor; its ids fit the real vocabulary
     del model
     return folder
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from vla_pipeline.data.ingest import episode_files, ingest_episodes
-from vla_pipeline.policy.backbone import build_tiny_backbone
+from vla_pipeline.policy.backbone import build_local_backbone
 from vla_pipeline.policy.model import build_policy, trainable_parameters
 from vla_pipeline.policy.policy_config import DEFAULT_BACKBONE, PolicyConfig
 from vla_pipeline.policy.preprocess import encode_prompts
@@ -151,7 +151,7 @@ def _save_random_kosmos(directory: str) -> None:
     torch.set_default_dtype(torch.bfloat16)  # never materialise an fp32 copy (~6.7 GB)
     torch.manual_seed(0)
     Kosmos2Model(Kosmos2Config()).save_pretrained(directory)
-    build_tiny_backbone()[1].save_pretrained(directory)
+    build_local_backbone("tiny")[1].save_pretrained(directory)
 
 
 def random_full_policy(**config) -> tuple:

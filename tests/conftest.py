@@ -138,9 +138,9 @@ def small_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_backbone_path(tmp_path_factory) -> Path:
     """A tiny Kosmos-2 written with save_pretrained, loaded back through from_pretrained."""
-    from vla_pipeline.policy.backbone import save_tiny_backbone
+    from vla_pipeline.policy.backbone import save_local_backbone
 
-    return save_tiny_backbone(tmp_path_factory.mktemp("kosmos2-tiny"))
+    return save_local_backbone(tmp_path_factory.mktemp("kosmos2-tiny"))
 
 
 def scripted_actions(side: str = "left", frames: int = 18) -> np.ndarray:

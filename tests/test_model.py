@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vla_pipeline.policy.backbone import build_tiny_backbone, load_backbone, save_tiny_backbone
+from vla_pipeline.policy.backbone import build_local_backbone, load_backbone
 from vla_pipeline.policy.model import (
     ADAPTER_DIR,
     WEIGHTS_FILE,
@@ -30,19 +30,14 @@ B, W, CHUNK = 2, 3, 2
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_backbone(tmp_path_factory.mktemp("kosmos2-tiny"))
-
-
-@pytest.fixture(scope="module")
-def fresh_kosmos(tiny_dir):
+def fresh_kosmos(tiny_backbone_path):
     """The plain tiny backbone, for counting what each setup should train."""
-    model, _ = load_backbone(PolicyConfig.tiny(backbone=str(tiny_dir)))
+    model, _ = load_backbone(PolicyConfig.tiny(backbone=str(tiny_backbone_path)))
     return model
 
 
-def make_policy(tiny_dir, **overrides) -> MobileVLAPolicy:
-    return build_policy(PolicyConfig.tiny(backbone=str(tiny_dir), window=W, chunk=CHUNK, **overrides))
+def make_policy(tiny_backbone_path, **overrides) -> MobileVLAPolicy:
+    return build_policy(PolicyConfig.tiny(backbone=str(tiny_backbone_path), window=W, chunk=CHUNK, **overrides))
 
 
 def make_batch(seed: int = 0, batch: int = B) -> dict:
@@ -62,11 +57,11 @@ def numel(params) -> int:
 # ---------------------------------------------------------------- backbone, preprocessing
 
 
-def test_tiny_backbone_round_trips_through_from_pretrained(tiny_dir):
+def test_tiny_backbone_round_trips_through_from_pretrained(tiny_backbone_path):
     from transformers import AutoProcessor, AutoTokenizer, Kosmos2Model
 
-    built, processor = build_tiny_backbone()
-    loaded = Kosmos2Model.from_pretrained(tiny_dir)
+    built, processor = build_local_backbone("tiny")
+    loaded = Kosmos2Model.from_pretrained(tiny_backbone_path)
     assert set(built.state_dict()) == set(loaded.state_dict())
     for name, tensor in built.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
@@ -74,15 +69,15 @@ def test_tiny_backbone_round_trips_through_from_pretrained(tiny_dir):
                        num_image_tokens=built.config.latent_query_num, return_tensors="pt")
     outs = [model.eval()(**inputs).last_hidden_state for model in (built, loaded)]
     assert torch.equal(outs[0], outs[1])
-    for tokenizer in (AutoProcessor.from_pretrained(tiny_dir).tokenizer, AutoTokenizer.from_pretrained(tiny_dir)):
+    for tokenizer in (AutoProcessor.from_pretrained(tiny_backbone_path).tokenizer, AutoTokenizer.from_pretrained(tiny_backbone_path)):
         assert tokenizer(prompt_for(LEFT))["input_ids"] == processor.tokenizer(prompt_for(LEFT))["input_ids"]
         assert len(tokenizer) == built.config.text_config.vocab_size
 
 
-def test_prompt_layout_and_pixels_match_kosmos2_processor(tiny_dir):
+def test_prompt_layout_and_pixels_match_kosmos2_processor(tiny_backbone_path):
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(tiny_dir)
+    processor = AutoProcessor.from_pretrained(tiny_backbone_path)
     frames = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     texts = [LEFT, "Navigate around the obstacle on the right side and reach the basket"]
     reference = processor(images=list(frames), text=[prompt_for(t) for t in texts], num_image_tokens=8,
@@ -104,8 +99,8 @@ def test_prompt_layout_and_pixels_match_kosmos2_processor(tiny_dir):
 # ---------------------------------------------------------------- forward, gradients
 
 
-def test_forward_gives_scalar_loss_and_grads_reach_token_and_head(tiny_dir):
-    policy = make_policy(tiny_dir)
+def test_forward_gives_scalar_loss_and_grads_reach_token_and_head(tiny_backbone_path):
+    policy = make_policy(tiny_backbone_path)
     loss, info = policy(make_batch())
     assert loss.dim() == 0 and torch.isfinite(loss) and info["valid_steps"] == B * W * CHUNK
     loss.backward()
@@ -116,18 +111,18 @@ def test_forward_gives_scalar_loss_and_grads_reach_token_and_head(tiny_dir):
     assert policy.head(torch.zeros(B, W, 64)).shape == (B, W, CHUNK, 2)
 
 
-def test_frozen_backbone_gets_no_grads(tiny_dir):
-    policy = make_policy(tiny_dir, freeze_backbone=True, lora_enable=False, train_vision=False)
+def test_frozen_backbone_gets_no_grads(tiny_backbone_path):
+    policy = make_policy(tiny_backbone_path, freeze_backbone=True, lora_enable=False, train_vision=False)
     loss, _ = policy(make_batch())
     loss.backward()
     assert all(p.grad is None for p in policy.kosmos.parameters())
     assert policy.action_token.grad.abs().sum() > 0
 
 
-def test_activation_checkpointing_recomputes_and_gives_the_same_gradients(tiny_dir):
+def test_activation_checkpointing_recomputes_and_gives_the_same_gradients(tiny_backbone_path):
     grads, calls = [], []
     for checkpointing in (False, True):
-        policy = make_policy(tiny_dir, gradient_checkpointing=checkpointing).train()
+        policy = make_policy(tiny_backbone_path, gradient_checkpointing=checkpointing).train()
         for module in policy.kosmos.modules():  # no dropout, so both runs compute the same thing
             for name in ("dropout", "activation_dropout"):
                 if isinstance(getattr(module, name, None), float):
@@ -143,8 +138,8 @@ def test_activation_checkpointing_recomputes_and_gives_the_same_gradients(tiny_d
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
-def test_loss_ignores_masked_steps(tiny_dir):
-    policy = make_policy(tiny_dir).eval()
+def test_loss_ignores_masked_steps(tiny_backbone_path):
+    policy = make_policy(tiny_backbone_path).eval()
     batch = make_batch()
     batch["action_mask"][0, :, 1] = False
     batch["action_mask"][1, 2] = False
@@ -155,8 +150,8 @@ def test_loss_ignores_masked_steps(tiny_dir):
     assert torch.equal(loss, policy(garbage)[0])
 
 
-def test_features_do_not_depend_on_batch_padding(tiny_dir):
-    policy = make_policy(tiny_dir).eval()
+def test_features_do_not_depend_on_batch_padding(tiny_backbone_path):
+    policy = make_policy(tiny_backbone_path).eval()
     images = make_batch()["images"]
     with torch.no_grad():
         pair = policy.encode_frames(images, [LEFT, LEFT + " and go back"])
@@ -164,8 +159,8 @@ def test_features_do_not_depend_on_batch_padding(tiny_dir):
     torch.testing.assert_close(pair[:1], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_left_and_right_give_different_features(tiny_dir):
-    policy = make_policy(tiny_dir).eval()
+def test_left_and_right_give_different_features(tiny_backbone_path):
+    policy = make_policy(tiny_backbone_path).eval()
     images = make_batch()["images"][:1]
     with torch.no_grad():
         left, left_again, right = (policy.encode_frames(images, [text]) for text in (LEFT, LEFT, RIGHT))
@@ -209,8 +204,8 @@ SETUPS = {
 
 
 @pytest.mark.parametrize("setup", SETUPS)
-def test_trainable_counts(tiny_dir, fresh_kosmos, setup):
-    config = PolicyConfig.tiny(backbone=str(tiny_dir), **SETUPS[setup])
+def test_trainable_counts(tiny_backbone_path, fresh_kosmos, setup):
+    config = PolicyConfig.tiny(backbone=str(tiny_backbone_path), **SETUPS[setup])
     policy = build_policy(config)
     counts = trainable_parameters(policy)
     always = numel(policy.head.parameters()) + policy.action_token.numel()
@@ -236,9 +231,9 @@ def test_trainable_counts(tiny_dir, fresh_kosmos, setup):
 # ---------------------------------------------------------------- training, saving
 
 
-def test_loss_falls_when_overfitting_two_windows(tiny_dir):
+def test_loss_falls_when_overfitting_two_windows(tiny_backbone_path):
     torch.manual_seed(0)
-    policy = make_policy(tiny_dir, lora_dropout=0.0).train()
+    policy = make_policy(tiny_backbone_path, lora_dropout=0.0).train()
     batch = make_batch()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -260,10 +255,10 @@ SAVE_SETUPS = {
 
 
 @pytest.mark.parametrize("setup", SAVE_SETUPS)
-def test_save_then_load_reproduces_predictions(tiny_dir, tmp_path, setup):
+def test_save_then_load_reproduces_predictions(tiny_backbone_path, tmp_path, setup):
     from safetensors import safe_open
 
-    policy = make_policy(tiny_dir, **SAVE_SETUPS[setup])
+    policy = make_policy(tiny_backbone_path, **SAVE_SETUPS[setup])
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     for seed in range(2):  # move every trained weight away from its (seeded) initial value
         loss, _ = policy(make_batch(seed))
@@ -278,7 +273,7 @@ def test_save_then_load_reproduces_predictions(tiny_dir, tmp_path, setup):
     loaded = load_policy_dir(tmp_path / "policy")
     assert loaded.config == policy.config and not loaded.training
     torch.testing.assert_close(loaded.predict(batch["images"], batch["instructions"]), expected, atol=1e-6, rtol=0)
-    fresh = make_policy(tiny_dir, **SAVE_SETUPS[setup])
+    fresh = make_policy(tiny_backbone_path, **SAVE_SETUPS[setup])
     assert not torch.allclose(fresh.predict(batch["images"], batch["instructions"]), expected)
     assert trainable_parameters(loaded) == trainable_parameters(policy)
     # in place (resuming): same parameter objects, the saved values
@@ -287,7 +282,7 @@ def test_save_then_load_reproduces_predictions(tiny_dir, tmp_path, setup):
     assert all(a is b for a, b in zip(fresh.parameters(), params, strict=True))
     torch.testing.assert_close(fresh.predict(batch["images"], batch["instructions"]), expected, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="differs"):
-        load_policy_dir(tmp_path / "policy", into=make_policy(tiny_dir, **SAVE_SETUPS[setup], lstm_hidden=16))
+        load_policy_dir(tmp_path / "policy", into=make_policy(tiny_backbone_path, **SAVE_SETUPS[setup], lstm_hidden=16))
 
     # only what trains is saved: the stored tensors add up to the trainable count exactly
     stored = 0
@@ -299,7 +294,7 @@ def test_save_then_load_reproduces_predictions(tiny_dir, tmp_path, setup):
             stored += sum(int(np.prod(f.get_slice(key).get_shape())) for key in f.keys())
     assert stored == trainable_parameters(policy)["trainable"]
     saved_bytes = sum(p.stat().st_size for p in (tmp_path / "policy").rglob("*") if p.is_file())
-    backbone_bytes = (tiny_dir / "model.safetensors").stat().st_size
+    backbone_bytes = (tiny_backbone_path / "model.safetensors").stat().st_size
     if setup != "lora+vision+decoder+embedding":
         assert saved_bytes < 0.25 * backbone_bytes
     assert json.loads((tmp_path / "policy" / "policy_config.json").read_text())["lora_targets"] == policy.config.lora_targets
@@ -315,11 +310,11 @@ def test_config_round_trips_and_rejects_unknown_keys():
         PolicyConfig(lora_targets="vision")
 
 
-def test_tiny_preset_without_a_directory_uses_the_cached_build(tmp_path, monkeypatch, tiny_dir):
+def test_tiny_preset_without_a_directory_uses_the_cached_build(tmp_path, monkeypatch, tiny_backbone_path):
     monkeypatch.setenv("VLA_TINY_BACKBONE", str(tmp_path / "cache"))
     policy = build_policy(PolicyConfig.tiny())  # backbone "tiny" is no directory
     assert (tmp_path / "cache" / "model.safetensors").is_file()
-    assert (tmp_path / "cache" / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
+    assert (tmp_path / "cache" / "model.safetensors").read_bytes() == (tiny_backbone_path / "model.safetensors").read_bytes()
     assert policy.num_image_tokens == 8
 
 
@@ -331,7 +326,7 @@ def test_full_size_lora_step_bf16():
     """Random weights, the real Kosmos-2 architecture: LoRA r 32 on every Linear, bf16 on CPU."""
     from transformers import Kosmos2Config, Kosmos2Model
 
-    _, processor = build_tiny_backbone()  # its ids all fit the real vocabulary
+    _, processor = build_local_backbone("tiny")  # its ids all fit the real vocabulary
     backbone = Kosmos2Model._from_config(Kosmos2Config(), dtype=torch.bfloat16)
     config = PolicyConfig(lora_r=32, lora_targets="all-linear", train_vision=False, window=2, chunk=10)
     policy = MobileVLAPolicy(config, backbone, processor.tokenizer)

@@ -94,11 +94,6 @@ def build_local_backbone(preset: str):
     return model, processor
 
 
-def build_tiny_backbone():
-    """(Kosmos2Model, Kosmos2Processor): the tiny test backbone (`build_local_backbone("tiny")`)."""
-    return build_local_backbone("tiny")
-
-
 def save_local_backbone(directory, preset: str = "tiny") -> Path:
     """Write a local backbone (model + processor) with `save_pretrained`; load it back
     through the same `from_pretrained` path as the hub checkpoint."""
@@ -108,10 +103,6 @@ def save_local_backbone(directory, preset: str = "tiny") -> Path:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
-
-
-def save_tiny_backbone(directory) -> Path:
-    return save_local_backbone(directory, "tiny")
 
 
 def local_backbone_dir(preset: str = "tiny") -> Path:
@@ -129,10 +120,6 @@ def local_backbone_dir(preset: str = "tiny") -> Path:
         except OSError:  # another process got there first
             shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def tiny_backbone_dir() -> Path:
-    return local_backbone_dir("tiny")
 
 
 def load_backbone(config: PolicyConfig, dtype: torch.dtype | None = None):
