@@ -105,21 +105,6 @@ class TrainingConfig(dg.Config):
             raise dg.Failure(f"training config: {error}") from error
 
 
-def setup_line(policy: PolicyConfig, train) -> str:
-    """What trains and how, in one line for the run log and MLflow."""
-    if policy.lora_enable:
-        what = f"LoRA r{policy.lora_r} ({policy.lora_targets}) on a frozen backbone"
-    elif policy.freeze_backbone:
-        what = "frozen backbone"
-    else:
-        what = "the whole backbone, from its initial weights"
-    head = f"{policy.action_head} head" + (f" ({policy.action_decode})" if policy.action_head == "classification" else "")
-    extras = f", side probe ×{policy.side_loss_weight}" if policy.side_loss_weight else ""
-    return (f"{what}; {head}{extras}; window {policy.window}, chunk {policy.chunk}; {train.epochs} epochs, "
-            f"batch {train.batch_size} × {train.grad_accum}, lr {train.lr:g}, warm-up {train.warmup_steps} steps"
-            + (" (the CPU preset's own setup, not the full-size default)" if policy.preset == "small" else ""))
-
-
 def _models_dir() -> Path:
     return Path(os.environ.get("VLA_MODELS") or "data/models")
 
@@ -142,7 +127,7 @@ def lora_adapter(
 
     from vla_pipeline.policy.hub import BackboneUnavailable
     from vla_pipeline.training.launch import run_distributed, write_spec
-    from vla_pipeline.training.train import train
+    from vla_pipeline.training.train import describe_setup, train
 
     policy_config, train_config = config.configs()
     train_config = replace(train_config, loader_workers=compute.loader_workers)
@@ -155,7 +140,8 @@ def lora_adapter(
     ).hexdigest()[:12]
     output_dir = _models_dir() / f"lora-{fingerprint}"
     context.log.info(f"training {policy_config.backbone} ({policy_config.preset}) into {output_dir}")
-    context.log.info(f"setup: {setup_line(policy_config, train_config)}")
+    setup = describe_setup(policy_config, train_config)
+    context.log.info(f"setup: {setup}")
 
     experiment = experiment_id()
     run_file = output_dir / RUN_ID_FILE
@@ -200,7 +186,7 @@ def lora_adapter(
         mlflow.log_artifacts(str(output_dir / "policy"), "policy")
         mlflow.log_artifact(str(output_dir / "training.json"))
         mlflow.set_tags({"device": result.device, "precision": result.precision,
-                         "setup": setup_line(policy_config, train_config), **snapshot})
+                         "setup": setup, **snapshot})
     return dg.Output(
         str((output_dir / "policy").resolve()),
         metadata={

@@ -77,6 +77,21 @@ class TrainConfig:
         return cls(**values)
 
 
+def describe_setup(policy: PolicyConfig, train: TrainConfig) -> str:
+    """What trains and how, in one line for the run log and MLflow."""
+    if policy.lora_enable:
+        what = f"LoRA r{policy.lora_r} ({policy.lora_targets}) on a frozen backbone"
+    elif policy.freeze_backbone:
+        what = "frozen backbone"
+    else:
+        what = "the whole backbone, from its initial weights"
+    head = f"{policy.action_head} head" + (f" ({policy.action_decode})" if policy.action_head == "classification" else "")
+    extras = f", side probe ×{policy.side_loss_weight}" if policy.side_loss_weight else ""
+    return (f"{what}; {head}{extras}; window {policy.window}, chunk {policy.chunk}; {train.epochs} epochs, "
+            f"batch {train.batch_size} × {train.grad_accum}, lr {train.lr:g}, warm-up {train.warmup_steps} steps"
+            + (" (the CPU preset's own setup, not the full-size default)" if policy.preset == "small" else ""))
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
