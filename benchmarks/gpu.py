@@ -220,10 +220,7 @@ def serve_section() -> dict:
         registry = StreamingPolicy(load_policy_dir(policy_dir, dtype=torch.bfloat16).to(DEVICE), compiled=compiled)
         out[f"registry_{name}_hz"] = step_hz(registry, repeats)
         del registry
-        deployed = load_bundle(bundle, device=DEVICE)
-        if not compiled:
-            deployed.policy.backbone_call = None
-            deployed.metadata["compiled"] = False
+        deployed = load_bundle(bundle, device=DEVICE, compiled=compiled)
         out[f"bundle_{name}_hz"] = step_hz(deployed, repeats)
         out[f"bundle_{name}_metadata"] = {k: v for k, v in deployed.metadata.items() if k != "bundle"}
         del deployed

@@ -48,7 +48,7 @@ class StreamingPolicy:
         self.policy = policy.eval()
         self.config = policy.config
         self.colour_order = _colour_order(colour_order)
-        self.metadata = dict(metadata or {})
+        self.metadata = {**(metadata or {}), "compiled": False}
         # On a GPU the step is launch-bound: capture the backbone (CUDA graphs) unless told not to.
         if compiled if compiled is not None else policy.action_token.is_cuda:
             try:
@@ -106,16 +106,18 @@ class StreamingPolicy:
         return len(self._features)
 
 
-def load_bundle(bundle_dir, colour_order: str = "BGR", device: str | None = None) -> StreamingPolicy:
+def load_bundle(bundle_dir, colour_order: str = "BGR", device: str | None = None,
+                compiled: bool | None = None) -> StreamingPolicy:
     """A StreamingPolicy from a deploy bundle (`vla-pipeline export`), with torch and transformers
-    alone: no peft, MLflow or Dagster is imported. `device` defaults to the GPU when there is one."""
+    alone: no peft, MLflow or Dagster is imported. `device` defaults to the GPU when there is one;
+    `compiled` as for StreamingPolicy (default: on a GPU)."""
     from .bundle import bundle_dtype
     from .model import load_policy_dir
 
     bundle_dir = Path(bundle_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy = load_policy_dir(bundle_dir, backbone_override=bundle_dir, dtype=bundle_dtype(bundle_dir)).to(device)
-    return StreamingPolicy(policy, colour_order, {"bundle": str(bundle_dir)})
+    return StreamingPolicy(policy, colour_order, {"bundle": str(bundle_dir)}, compiled=compiled)
 
 
 def _colour_order(value: str) -> str:
