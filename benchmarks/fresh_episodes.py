@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from vla_pipeline.evaluation.metrics import DIRECTIONS, direction_classes
+from vla_pipeline.training.windows import mirror_instruction
 
 CLI = str(Path(sys.executable).with_name("vla-pipeline"))
 
@@ -35,10 +36,6 @@ def predict(model_uri: str, episode: Path, instruction: str | None = None) -> li
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-
-
-def swap_sides(text: str) -> str:
-    return text.replace("left", "\0").replace("right", "left").replace("\0", "right")
 
 
 def side(direction: str) -> str | None:
@@ -58,7 +55,7 @@ def main() -> int:
         correct, recorded, flips, strafing = 0, collections.Counter(), 0, 0
         for episode in sorted(Path(folder).glob("*.h5")):
             rows = predict(args.model_uri, episode)
-            swapped = predict(args.model_uri, episode, swap_sides(rows[0]["instruction"]))
+            swapped = predict(args.model_uri, episode, mirror_instruction(rows[0]["instruction"]))
             for row, other in zip(rows, swapped):
                 if row["event"] == "episode_start":
                     continue

@@ -111,7 +111,7 @@ def main() -> int:
     started = time.perf_counter()
     result = train(policy_config, train_config, train_store, split.train, split.val, workdir / "run",
                    log=lambda line: None, on_epoch=score_epoch)
-    scoring = sum(1 for _ in curve)  # per-epoch scoring is included in the wall time below
+    scoring = len(curve)  # per-epoch scoring is included in the wall time below
     from vla_pipeline.policy.model import load_policy_dir
 
     final = load_policy_dir(workdir / "run" / "policy")

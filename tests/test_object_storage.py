@@ -30,7 +30,7 @@ def copied_store(tmp_path_factory):
     local = root / "store.zarr"
     ingest_episodes(paths, local)
     bucket = root / "bucket" / "store.zarr"
-    shutil.copytree(local, bucket, ignore=shutil.ignore_patterns(".staging", ".writer.lock"))
+    shutil.copytree(local, bucket, ignore=shutil.ignore_patterns(".staging", "*.lock"))
     return local, bucket.as_uri()
 
 
