@@ -1,6 +1,6 @@
 """The GPU figures of the README, in one run of at most ~8 minutes on a GPU machine.
 
-    python benchmarks/gpu.py OUTDIR [--quick]
+    python benchmarks/gpu.py OUTDIR [--quick] [--no-probe]
 
 Full-size Kosmos-2 architecture (random bf16 weights: no hub needed), LoRA r32 all-linear,
 window 8, chunk 10, through the project's own code:
@@ -41,6 +41,7 @@ from vla_pipeline.training.train import (HALF, TrainConfig, keep_trained_in_fp32
 
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else Path("benchmarks/out/gpu")
 QUICK = "--quick" in sys.argv
+PROBE = "--no-probe" not in sys.argv  # --no-probe: skip the batch probe and the pure steps at the auto batch
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 WORK = Path("/tmp/vla-gpu-bench")
@@ -57,8 +58,9 @@ def sync() -> None:
 def section(name: str, run) -> None:
     started = time.perf_counter()
     print(f"\n=== {name}", flush=True)
+    RESULTS[name] = {}
     try:
-        RESULTS[name] = run() or {}
+        run(RESULTS[name])  # fills its dict as it goes: a late failure keeps the earlier figures
     except Exception as error:
         traceback.print_exc()
         RESULTS[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
@@ -67,12 +69,12 @@ def section(name: str, run) -> None:
     (OUT / "gpu.json").write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
-def env() -> dict:
+def env(result: dict) -> None:
     import peft
     import transformers
 
-    result = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-              "device": torch.cuda.get_device_name(0) if CUDA else "cpu"}
+    result.update({"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                   "device": torch.cuda.get_device_name(0) if CUDA else "cpu"})
     if CUDA:
         n = 8192
         a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -85,7 +87,6 @@ def env() -> dict:
         sync()
         result["bf16_matmul_tflops"] = round(2 * n**3 / ((time.perf_counter() - started) / 10) / 1e12, 1)
         result["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    return result
 
 
 def random_backbone() -> Path:
@@ -112,11 +113,11 @@ def random_backbone() -> Path:
     return folder
 
 
-def full_config(backbone: Path) -> PolicyConfig:
-    return PolicyConfig(backbone=str(backbone), preset="full", window=8, chunk=10)
+def full_config(backbone: Path, checkpointing: bool = False) -> PolicyConfig:
+    return PolicyConfig(backbone=str(backbone), preset="full", window=8, chunk=10, gradient_checkpointing=checkpointing)
 
 
-def train_section() -> dict:
+def train_section(out: dict) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     backbone = random_backbone()
@@ -126,40 +127,50 @@ def train_section() -> dict:
     store = WORK / "store.zarr"
     ingest_episodes(sorted(episodes.glob("*.h5")), store, workers=4)
     split = split_from_store(WindowStore(store))
-    out = {}
     compute = plan_compute("auto", "auto")
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     lines: list[str] = []
-    result = train(config, TrainConfig(epochs=1, batch_size=2, grad_accum=1 if QUICK else 4, max_steps=2 if QUICK else 8,
+    result = train(config, TrainConfig(epochs=20, batch_size=2, grad_accum=1 if QUICK else 4, max_steps=2 if QUICK else 8,
                                        log_every=1, checkpoint_every=10**9, loader_workers=4),
                    store, split.train, split.val, WORK / "train-b2", compute=compute,
                    log=lambda line: (lines.append(line), print("  ", line, flush=True)))
     out["train_b2x4"] = {"peak_gib": result.peak_memory_gib, "steady_windows_per_s": result.steady_windows_per_s,
                          "device": result.device, "precision": result.precision, "parameters": result.parameters}
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    result = train(full_config(backbone, checkpointing=True),
+                   TrainConfig(epochs=20, batch_size=2, grad_accum=1 if QUICK else 4, max_steps=2, log_every=1,
+                               checkpoint_every=10**9, loader_workers=4),
+                   store, split.train, split.val, WORK / "train-b2-checkpointing", compute=compute)
+    out["train_b2x4_checkpointing"] = {"peak_gib": result.peak_memory_gib}
 
+    peak = RESULTS.get("env", {}).get("bf16_matmul_tflops")
+    # Activation checkpointing with LoRA: the memory it saves at batch 2, and what it costs.
+    checkpointed = keep_trained_in_fp32(build_policy(config.replace(gradient_checkpointing=True),
+                                                     dtype=HALF.get(compute.precision))).to(DEVICE)
+    out["checkpointed_modules"] = sum(bool(getattr(m, "gradient_checkpointing", False))
+                                      for m in checkpointed.kosmos.modules())
+    out["checkpointing_b2"] = pure_step(checkpointed, config, 2, peak, FlopCounterMode)
+    del checkpointed
+    if not PROBE:
+        return
     policy = keep_trained_in_fp32(build_policy(config, dtype=HALF.get(compute.precision))).to(DEVICE)
     # The `compute.batch_size: auto` probe itself (real steps until 85% of the card is used).
     auto = probe_largest_batch(policy, config, compute.precision) if CUDA else 2
-    peak = RESULTS.get("env", {}).get("bf16_matmul_tflops")
     out["auto_batch"] = auto
     for size in sorted({2, auto}):
         out[f"pure_step_b{size}"] = pure_step(policy, config, size, peak, FlopCounterMode)
     policy.cpu()
     del policy
-    # Activation checkpointing with LoRA: the memory it saves at batch 2, and what it costs.
-    checkpointed = keep_trained_in_fp32(build_policy(config.replace(gradient_checkpointing=True),
-                                                     dtype=HALF.get(compute.precision))).to(DEVICE)
-    out["checkpointing_b2"] = pure_step(checkpointed, config, 2, peak, FlopCounterMode)
-    del checkpointed
     if CUDA:
         torch.cuda.empty_cache()
-    return out
 
 
 def pure_step(policy, config: PolicyConfig, size: int, peak_tflops, counter_mode) -> dict:
     """A training step (forward, backward, fused AdamW) on synthetic windows, no loader: time,
     FLOPs (torch.utils.flop_counter), MFU against the measured bf16 matmul rate, peak memory."""
+    policy.train()  # dropout and activation checkpointing act in training mode only
     trained = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=CUDA)
     batch = synthetic_batch(config, size)
@@ -209,11 +220,21 @@ def step_hz(policy: StreamingPolicy, repeats: int) -> float:
     return round(1 / float(np.median(times)), 1)
 
 
-def serve_section() -> dict:
+ACTIONS: dict[str, list] = {}
+
+
+def drive(policy: StreamingPolicy) -> list:
+    """The actions over one 10-frame episode, from a reset: eager and captured must agree."""
+    rng = np.random.default_rng(1)
+    policy.reset()
+    return [policy.step(rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8), LEFT) for _ in range(10)]
+
+
+def serve_section(out: dict) -> None:
     policy_dir = WORK / "train-b2" / "policy"
     bundle = export_bundle(policy_dir, WORK / "bundle", dtype="bf16")
-    out = {"bundle_mib": round(sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()) / 2**20, 1),
-           "policy_dir_mib": round(sum(f.stat().st_size for f in policy_dir.rglob("*") if f.is_file()) / 2**20, 1)}
+    out.update({"bundle_mib": round(sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()) / 2**20, 1),
+                "policy_dir_mib": round(sum(f.stat().st_size for f in policy_dir.rglob("*") if f.is_file()) / 2**20, 1)})
     repeats = 4 if QUICK else 60
     for compiled in (False, True) if CUDA else (False,):
         name = "compiled" if compiled else "eager"
@@ -222,11 +243,13 @@ def serve_section() -> dict:
         del registry
         deployed = load_bundle(bundle, device=DEVICE, compiled=compiled)
         out[f"bundle_{name}_hz"] = step_hz(deployed, repeats)
+        ACTIONS[name] = drive(deployed)
         out[f"bundle_{name}_metadata"] = {k: v for k, v in deployed.metadata.items() if k != "bundle"}
         del deployed
         if CUDA:
             torch.cuda.empty_cache()
-    return out
+    out["bundle_compiled_vs_eager_max_abs_diff"] = max(
+        (float(np.abs(a - b).max()) for a, b in zip(*(ACTIONS.get(k, []) for k in ("eager", "compiled")))), default=None)
 
 
 def table() -> None:
@@ -234,6 +257,7 @@ def table() -> None:
     auto = train_.get("auto_batch")
     rows = [
         ("peak GPU memory, batch 2 × 4", f"{train_.get('train_b2x4', {}).get('peak_gib')} GiB", f"≤ {TARGETS['peak_gib_b2']:.0f} GiB"),
+        ("peak GPU memory, batch 2 × 4, gradient checkpointing", f"{train_.get('train_b2x4_checkpointing', {}).get('peak_gib')} GiB", ""),
         ("steady windows/s in train(), batch 2 × 4", train_.get("train_b2x4", {}).get("steady_windows_per_s"), ""),
         ("gradient checkpointing, batch 2: peak GiB, s/step", f"{train_.get('checkpointing_b2', {}).get('peak_gib')}, "
                                                             f"{train_.get('checkpointing_b2', {}).get('s_per_step')} "
@@ -248,6 +272,7 @@ def table() -> None:
                                                                  f"{serve_.get('registry_compiled_hz')} Hz", ""),
         ("bundle step (merged), eager / compiled", f"{serve_.get('bundle_eager_hz')} / {serve_.get('bundle_compiled_hz')} Hz",
          f"≥ {TARGETS['bundle_hz']:.0f} Hz"),
+        ("bundle step, captured vs eager actions: max |difference|", serve_.get("bundle_compiled_vs_eager_max_abs_diff"), ""),
         ("policy directory / bundle size", f"{serve_.get('policy_dir_mib')} / {serve_.get('bundle_mib')} MiB", ""),
     ]
     print(f"\n{env_.get('device')}: bf16 matmul {env_.get('bf16_matmul_tflops')} TFLOP/s, torch {env_.get('torch')}")

@@ -119,6 +119,25 @@ def test_frozen_backbone_gets_no_grads(tiny_backbone_path):
     assert policy.action_token.grad.abs().sum() > 0
 
 
+def test_backbone_hidden_equals_kosmos2_forward(tiny_backbone_path):
+    """The gather that places the image embeddings (capturable in a CUDA graph) gives exactly
+    Kosmos2Model.forward's hidden states, right-padded prompts included."""
+    policy = make_policy(tiny_backbone_path).eval()
+    pixels = normalise_images(torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8))
+    pixels = torch.nn.functional.interpolate(pixels, size=(policy.kosmos.config.vision_config.image_size,) * 2,
+                                             mode="area")
+    prompts = policy.prompt_batch((LEFT, "Stop"), "cpu")
+    assert prompts.attention_mask.min() == 0  # the shorter prompt is padded
+    embeds = policy.kosmos.get_input_embeddings()(prompts.input_ids)
+    with torch.no_grad():
+        ours = policy.backbone_hidden(pixels, embeds, prompts.attention_mask, prompts.image_embeds_position_mask,
+                                      prompts.position_ids)
+        theirs = policy.kosmos(pixel_values=pixels, inputs_embeds=embeds.clone(), attention_mask=prompts.attention_mask,
+                               image_embeds_position_mask=prompts.image_embeds_position_mask,
+                               position_ids=prompts.position_ids, use_cache=False).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 def test_activation_checkpointing_recomputes_and_gives_the_same_gradients(tiny_backbone_path):
     grads, calls = [], []
     for checkpointing in (False, True):

@@ -165,7 +165,7 @@ def test_a_compiled_backbone_gives_the_same_actions(policy, raw_frames, monkeypa
     compiled_calls = []
 
     def tracing_compile(module, **options):
-        assert options == {"mode": "reduce-overhead", "dynamic": False}
+        assert options == {"dynamic": False}
         return lambda *a, **k: compiled_calls.append(1) or module(*a, **k)
 
     monkeypatch.setattr(torch, "compile", tracing_compile)

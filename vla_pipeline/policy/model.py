@@ -139,7 +139,8 @@ class MobileVLAPolicy(nn.Module):
         self._prompts: dict = {}  # (instructions, device) -> PromptBatch: each prompt tokenised once
         self.backbone_call = None  # a compiled backbone (`compile_backbone`), else the module itself
         if config.gradient_checkpointing:
-            self.kosmos.activation_checkpointing_enable()
+            # transformers 5.23 renamed gradient_checkpointing_enable; older 5.x has the old name only.
+            (getattr(self.kosmos, "activation_checkpointing_enable", None) or self.kosmos.gradient_checkpointing_enable)()
         apply_trainability(self)
 
     @property
@@ -156,27 +157,39 @@ class MobileVLAPolicy(nn.Module):
         device = self.action_token.device
         prompts = self.prompt_batch(tuple(instructions), device)
         kosmos = self.kosmos
-        tokens = kosmos.get_input_embeddings()(prompts.input_ids)
-        slot = F.one_hot(prompts.action_index, tokens.shape[1]).bool().unsqueeze(-1)
-        # torch.where builds a new (non-leaf) tensor: Kosmos-2 writes the image embeddings into
-        # inputs_embeds in place, which must never happen on a leaf that requires grad.
-        inputs_embeds = torch.where(slot, self.action_token.to(tokens.dtype), tokens)
         vision_dtype = kosmos.vision_model.model.embeddings.patch_embedding.weight.dtype
         pixel_values = pixel_values.to(device=device, dtype=vision_dtype)
         size = int(kosmos.config.vision_config.image_size)
         if tuple(pixel_values.shape[-2:]) != (size, size):
             # A vision tower for smaller images (a CPU preset): area-average the 224×224 frames down.
             pixel_values = F.interpolate(pixel_values, size=(size, size), mode="area")
-        out = (self.backbone_call or kosmos)(
-            pixel_values=pixel_values,
-            inputs_embeds=inputs_embeds,
-            attention_mask=prompts.attention_mask,
-            image_embeds_position_mask=prompts.image_embeds_position_mask,
-            position_ids=prompts.position_ids,
-            use_cache=False,
+        return (self.backbone_call or self.frame_features)(
+            pixel_values, prompts.input_ids, prompts.attention_mask, prompts.image_embeds_position_mask,
+            prompts.position_ids, prompts.action_index,
         )
-        rows = torch.arange(len(pixel_values), device=device)
-        return out.last_hidden_state[rows, prompts.action_index].float()
+
+    def frame_features(self, pixel_values, input_ids, attention_mask, image_mask, position_ids,
+                       action_index) -> torch.Tensor:
+        """The backbone's last hidden state at each prompt's action slot (N, hidden), in fp32."""
+        tokens = self.kosmos.get_input_embeddings()(input_ids)
+        slot = F.one_hot(action_index, tokens.shape[1]).bool().unsqueeze(-1)
+        inputs_embeds = torch.where(slot, self.action_token.to(tokens.dtype), tokens)
+        hidden = self.backbone_hidden(pixel_values, inputs_embeds, attention_mask, image_mask, position_ids)
+        rows = torch.arange(len(pixel_values), device=hidden.device)
+        return hidden[rows, action_index].float()
+
+    def backbone_hidden(self, pixel_values, inputs_embeds, attention_mask, image_mask, position_ids) -> torch.Tensor:
+        """Kosmos2Model.forward's last hidden state, with the image embeddings placed by a gather
+        instead of its boolean-mask write: no host sync, so the call can be captured in a CUDA graph."""
+        kosmos = self.kosmos
+        image_embeds = kosmos.get_image_features(pixel_values, return_dict=True).pooler_output
+        slot = image_mask.bool().unsqueeze(-1)
+        order = (image_mask.cumsum(1) - 1).clamp(min=0)  # row r's k-th image slot takes latent k
+        placed = image_embeds.to(inputs_embeds.dtype).gather(
+            1, order.unsqueeze(-1).expand(-1, -1, image_embeds.shape[-1]))
+        return kosmos.text_model(inputs_embeds=torch.where(slot, placed, inputs_embeds),
+                                 attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                                 return_dict=True).last_hidden_state
 
     def prompt_batch(self, instructions: tuple[str, ...], device):
         """The tokenised prompts of `instructions` on `device`, built once and kept (bounded)."""
@@ -188,9 +201,14 @@ class MobileVLAPolicy(nn.Module):
         return self._prompts[key]
 
     def compile_backbone(self) -> None:
-        """Run the backbone through `torch.compile(mode="reduce-overhead")`: on a GPU its kernels are
-        captured in CUDA graphs, so a streaming step stops paying a launch per kernel."""
-        self.backbone_call = torch.compile(self.kosmos, mode="reduce-overhead", dynamic=False)
+        """A step that pays one launch, not one per kernel: on a GPU the backbone is captured in
+        CUDA graphs (one per input shape); elsewhere `torch.compile` runs it."""
+        if self.action_token.is_cuda:
+            from .cuda_graphs import GraphedCall
+
+            self.backbone_call = GraphedCall(self.frame_features)
+        else:
+            self.backbone_call = torch.compile(self.frame_features, dynamic=False)
 
     def encode_frames(self, images: torch.Tensor, instructions: list[str]) -> torch.Tensor:
         """Images (B, W, ...) (see module docstring) + B instructions -> features (B, W, hidden)."""

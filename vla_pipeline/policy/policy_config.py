@@ -79,7 +79,9 @@ class PolicyConfig:
     train_vision: bool = False
     train_text_embedding: bool = False
     train_decoder_layers: int = -1
-    gradient_checkpointing: bool = False
+    # recompute each layer's activations in the backward pass: full size at batch 2 × 4 peaks at
+    # 7.9 GiB instead of 14.7 (H200, benchmarks/gpu.py); the small presets have no need of it
+    gradient_checkpointing: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -112,7 +114,7 @@ class PolicyConfig:
         """The small test/CI policy: tiny backbone, short window and chunk, small head."""
         values: dict[str, Any] = dict(
             preset="tiny", backbone="tiny", window=3, chunk=2, lstm_hidden=32, lstm_layers=1, lora_r=4,
-            lora_alpha=8, lora_dropout=0.0,
+            lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=False,
         )
         values.update(overrides)
         return cls(**values)
@@ -126,7 +128,7 @@ class PolicyConfig:
         values: dict[str, Any] = dict(
             preset="small", backbone="small", window=8, chunk=1, lstm_hidden=64, lstm_layers=1,
             action_head="classification", side_loss_weight=0.5, action_decode="argmax", lora_enable=False,
-            train_vision=True, train_text_embedding=True,
+            train_vision=True, train_text_embedding=True, gradient_checkpointing=False,
         )
         values.update(overrides)
         return cls(**values)

@@ -189,6 +189,9 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate_windows,
         persistent_workers=workers > 0,
+        # Workers start from a fresh forkserver process, never a fork of this one: a fork copies
+        # OpenCV's thread-pool locks as they are, held ones included, and the worker deadlocks.
+        multiprocessing_context="forkserver" if workers > 0 else None,
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=torch.cuda.is_available(),
