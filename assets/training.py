@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,7 @@ def lora_adapter(
     """
     import mlflow
 
-    from vla_pipeline.policy.hub import BackboneUnavailable
-    from vla_pipeline.training.launch import run_distributed, write_spec
-    from vla_pipeline.training.train import describe_setup, train
+    from vla_pipeline.training.train import describe_setup
 
     policy_config, train_config = config.configs()
     train_config = replace(train_config, loader_workers=compute.loader_workers)
@@ -139,54 +138,25 @@ def lora_adapter(
         json.dumps([policy_config.to_dict(), asdict(train_config), snapshot], sort_keys=True).encode()
     ).hexdigest()[:12]
     output_dir = _models_dir() / f"lora-{fingerprint}"
-    context.log.info(f"training {policy_config.backbone} ({policy_config.preset}) into {output_dir}")
+    what = "the CPU preset (a small Kosmos-2 built in-process)" if policy_config.preset in CPU_PRESET_NAMES \
+        else policy_config.backbone
+    context.log.info(f"training {what} into {output_dir}")
     setup = describe_setup(policy_config, train_config)
     context.log.info(f"setup: {setup}")
 
     experiment = experiment_id()
     run_file = output_dir / RUN_ID_FILE
     run_id = run_file.read_text().strip() if run_file.is_file() else None
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=f"lora-{fingerprint}") as run:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(run.info.run_id)
-        if run_id is None:
-            mlflow.log_params({**flat_params("policy", policy_config.to_dict()),
-                               **flat_params("train", asdict(train_config)), **snapshot})
-            mlflow.log_dict(split.to_dict(), "split.json")
-        def log_epoch(record: dict, _policy=None) -> None:
-            mlflow.log_metrics({"train_loss": record["train_loss"], "val_loss": record["val_loss"]},
-                               step=record["epoch"])
-
-        try:
-            if compute.processes > 1:  # torchrun: one process per GPU, the main one writes
-                spec = write_spec(output_dir, policy_config.to_dict(), asdict(train_config), str(store.path),
-                                  split.train, split.val, compute.device, compute.precision, compute.batch_size)
-                result = run_distributed(spec, compute.processes, log=context.log.info)
-                for record in result.history:
-                    log_epoch(record)
-            else:
-                result = train(
-                    policy_config, train_config, store.path, split.train, split.val, output_dir,
-                    compute=compute.plan(), log=context.log.info, on_epoch=log_epoch,
-                )
-        except BackboneUnavailable as error:
-            raise dg.Failure(str(error), allow_retries=False) from None
-        except RuntimeError as error:
-            if compute.processes > 1:  # the processes' own traceback is in the message
-                raise dg.Failure(str(error), allow_retries=False) from None
-            raise
-        except OSError as error:  # a folder that is not a save_pretrained checkpoint, a broken download
-            raise dg.Failure(f"could not load the backbone {policy_config.backbone!r}: {error}",
-                             allow_retries=False) from None
-        # Steady-state throughput, and the GPU's peak memory when training ran on one.
-        speed = {key: value for key, value in (("steady_windows_per_s", result.steady_windows_per_s),
-                                               ("peak_memory_gib", result.peak_memory_gib)) if math.isfinite(value)}
-        mlflow.log_metrics({"best_val_loss": result.best_val_loss, "trainable_parameters": result.parameters["trainable"],
-                            **speed})
-        mlflow.log_artifacts(str(output_dir / "policy"), "policy")
-        mlflow.log_artifact(str(output_dir / "training.json"))
-        mlflow.set_tags({"device": result.device, "precision": result.precision,
-                         "setup": setup, **snapshot})
+    created = not output_dir.exists()
+    try:
+        with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=f"lora-{fingerprint}") as run:
+            result = _train_in_run(context, run, run_id, output_dir, policy_config, train_config, split, snapshot,
+                                   setup, store, compute)
+    except BaseException:
+        if created and not any((output_dir / name).exists() for name in ("checkpoint", "policy")):
+            shutil.rmtree(output_dir, ignore_errors=True)  # nothing to resume from: leave no folder behind
+        raise
+    speed = _measured_speed(result)
     return dg.Output(
         str((output_dir / "policy").resolve()),
         metadata={
@@ -196,6 +166,7 @@ def lora_adapter(
             "epochs": result.epochs,
             "steps": result.steps,
             "resumed_from_step": result.resumed_from_step,
+            "already_trained": result.already_trained,
             "device": f"{result.device} ({result.precision})",
             "wall_time_s": round(result.seconds, 1),
             "batch": f"{result.batch_size} × {result.grad_accum} accumulation"
@@ -209,3 +180,58 @@ def lora_adapter(
             **snapshot,
         },
     )
+
+
+def _train_in_run(context, run, run_id, output_dir: Path, policy_config, train_config, split, snapshot: dict,
+                  setup: str, store, compute):
+    """Train (or resume, or find finished) inside the open MLflow run; log what it produced."""
+    import mlflow
+
+    from vla_pipeline.policy.hub import BackboneUnavailable
+    from vla_pipeline.training.launch import run_distributed, write_spec
+    from vla_pipeline.training.train import train
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RUN_ID_FILE).write_text(run.info.run_id)
+    if run_id is None:
+        mlflow.log_params({**flat_params("policy", policy_config.to_dict()),
+                           **flat_params("train", asdict(train_config)), **snapshot})
+        mlflow.log_dict(split.to_dict(), "split.json")
+
+    def log_epoch(record: dict, _policy=None) -> None:
+        mlflow.log_metrics({"train_loss": record["train_loss"], "val_loss": record["val_loss"]}, step=record["epoch"])
+
+    try:
+        if compute.processes > 1:  # torchrun: one process per GPU, the main one writes
+            spec = write_spec(output_dir, policy_config.to_dict(), asdict(train_config), str(store.path),
+                              split.train, split.val, compute.device, compute.precision, compute.batch_size)
+            result = run_distributed(spec, compute.processes, log=context.log.info)
+            if not result.already_trained:
+                for record in result.history:
+                    log_epoch(record)
+        else:
+            result = train(policy_config, train_config, store.path, split.train, split.val, output_dir,
+                           compute=compute.plan(), log=context.log.info, on_epoch=log_epoch)
+    except BackboneUnavailable as error:
+        raise dg.Failure(str(error), allow_retries=False) from None
+    except RuntimeError as error:
+        if compute.processes > 1:  # the processes' own traceback is in the message
+            raise dg.Failure(str(error), allow_retries=False) from None
+        raise
+    except OSError as error:  # a folder that is not a save_pretrained checkpoint, a broken download
+        raise dg.Failure(f"could not load the backbone {policy_config.backbone!r}: {error}",
+                         allow_retries=False) from None
+    if result.already_trained:  # its run already holds everything below
+        return result
+    mlflow.log_metrics({"best_val_loss": result.best_val_loss, "trainable_parameters": result.parameters["trainable"],
+                        **_measured_speed(result)})
+    mlflow.log_artifacts(str(output_dir / "policy"), "policy")
+    mlflow.log_artifact(str(output_dir / "training.json"))
+    mlflow.set_tags({"device": result.device, "precision": result.precision, "setup": setup, **snapshot})
+    return result
+
+
+def _measured_speed(result) -> dict[str, float]:
+    """Steady-state throughput, and the GPU's peak memory when training ran on one."""
+    return {key: value for key, value in (("steady_windows_per_s", result.steady_windows_per_s),
+                                          ("peak_memory_gib", result.peak_memory_gib)) if math.isfinite(value)}

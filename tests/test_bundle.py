@@ -94,4 +94,4 @@ def test_export_command(trained_dir, tmp_path):
     assert json.loads((out / "bundle.json").read_text())["merged_lora"] is True
     missing = subprocess.run([str(BIN / "vla-pipeline"), "export", str(tmp_path / "nowhere"), str(tmp_path / "b")],
                              capture_output=True, text=True)
-    assert missing.returncode == 2 and "not a policy directory" in missing.stderr
+    assert missing.returncode == 2 and "no such folder" in missing.stderr

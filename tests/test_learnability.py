@@ -35,7 +35,6 @@ FRAMES, HEIGHT, WIDTH = 18, 96, 128
 BANDS = {"forward": 0, "strafe": 1, "back": 2, "stop": 3}  # band index from the top, of 4
 KEYS = list(BANDS)
 TRAIN_EPISODES, HELD_OUT_EPISODES = 24, 8
-TRAINING_BUDGET_S = 60
 
 
 def cue_episode(path: Path, side: str, seed: int) -> Path:
@@ -76,11 +75,6 @@ def learned(tmp_path_factory):
     policy = load_policy_dir(result.output_dir / "policy")
     mean = json.loads((result.output_dir / "policy" / ACTION_STATS_FILE).read_text())["mean"]
     return result, evaluate(policy, held_store, held_ids, mean).metrics
-
-
-def test_training_fits_the_time_budget(learned):
-    result, _ = learned
-    assert result.seconds <= TRAINING_BUDGET_S * 1.5, f"{result.seconds:.0f} s of training"
 
 
 def test_cues_are_learned_on_held_out_episodes(learned):

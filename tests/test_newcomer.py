@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,22 +18,13 @@ BIN = Path(sys.executable).parent
 HEAVY = ("torch", "mlflow", "transformers", "peft", "accelerate", "matplotlib")
 
 
-def _import_seconds(module: str, repeats: int = 3) -> float:
-    """Fastest of `repeats` fresh interpreters importing `module`."""
-    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
-    return min(float(subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                                    check=True).stdout) for _ in range(repeats))
-
-
 def test_code_location_loads_without_torch_or_mlflow():
     code = f"import sys, vla_pipeline.definitions; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert loaded.stdout.split() == [], f"importing the code location imported {loaded.stdout.split()}"
 
 
-def test_code_location_imports_within_twice_dagster():
-    dagster_s, definitions_s = _import_seconds("dagster"), _import_seconds("vla_pipeline.definitions")
-    assert definitions_s <= 2 * dagster_s, f"vla_pipeline.definitions {definitions_s:.2f} s vs dagster {dagster_s:.2f} s"
+# How long it takes next to `import dagster` is benchmarks/startup.py's figure, not a test's.
 
 
 # ---------------------------------------------------------------- a missing backbone
@@ -46,14 +36,16 @@ def test_a_missing_folder_fails_at_once_with_the_fix():
 
 
 def test_an_unreachable_hub_fails_at_once_instead_of_retrying(monkeypatch):
-    def unreachable(*args, **kwargs):
+    attempts = []
+
+    def unreachable(address, timeout=None):
+        attempts.append(timeout)
         raise OSError(101, "Network is unreachable")
 
     monkeypatch.setattr(hub.socket, "create_connection", unreachable)
-    started = time.perf_counter()
     with pytest.raises(hub.BackboneUnavailable) as raised:
         hub.resolve_backbone("microsoft/kosmos-2-patch14-224")
-    assert time.perf_counter() - started < 5
+    assert attempts == [hub.REACH_TIMEOUT_S], "one short connection attempt, no retries"
     message = str(raised.value)
     assert "\n" not in message, "one paragraph"
     assert "neither a local folder nor in the Hugging Face cache" in message and "Network is unreachable" in message

@@ -214,3 +214,38 @@ def test_predict_rejects_a_bad_file_before_loading_anything(env, registered, cap
     assert err.startswith(f"error: {broken}") and "HDF5" in err
     assert cli.main(["predict", str(tmp_path / "missing.h5")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_predict_and_model_take_an_exported_bundle(env, registered, capsys, tmp_path):
+    from vla_pipeline.policy.bundle import export_bundle
+
+    champion = f"models:/{NAME}@champion"
+    bundle = export_bundle(registry.policy_directory(champion)[0], tmp_path / "bundle", dtype="fp32")
+    episode = str(env["paths"][1])
+    predicted = {}
+    for uri in (champion, str(bundle)):
+        assert cli.main(["predict", "--model-uri", uri, episode]) == 0
+        predicted[uri] = [json.loads(line)["actions"] for line in capsys.readouterr().out.splitlines()]
+    np.testing.assert_allclose(predicted[str(bundle)], predicted[champion], atol=1e-5)
+    assert cli.main(["model", "--model-uri", str(bundle)]) == 0
+    assert "deploy bundle (fp32" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    for command in (["predict", "--model-uri", str(tmp_path / "empty"), episode],
+                    ["model", "--model-uri", str(tmp_path / "empty")]):
+        assert cli.main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "neither a policy directory" in err and "nor a deploy bundle" in err
+
+
+def test_reading_commands_create_no_registry_where_there_is_none(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    environment = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DAGSTER_HOME")}
+    cli_path = Path(sys.executable).parent / "vla-pipeline"
+    for command in (["model"], ["model", "--model-uri", "models:/mobile-vla/1"]):
+        done = subprocess.run([str(cli_path), *command], cwd=tmp_path, env=environment, capture_output=True, text=True)
+        assert done.returncode == 2 and "no model registry at" in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -93,6 +93,38 @@ def test_lora_adapter_trains_the_cpu_preset_and_records_mlflow(episode_dir, tmp_
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "policy")}
     assert "policy/policy_config.json" in artifacts
 
+    # The same training again: found finished, nothing trained or logged anew.
+    history = [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")]
+    with dg.DagsterInstance.ephemeral() as instance:
+        again = dg.materialize(
+            [train_val_split, lora_adapter], instance=instance,
+            resources={"window_store": WindowStoreResource(path=str(store_path)), "compute": ComputeResource()},
+            run_config={"ops": {"lora_adapter": {"config": config}}},
+        )
+        messages = [entry.user_message for entry in instance.all_logs(again.run_id)]
+    assert again.success and again.output_for_node("lora_adapter") == policy_dir
+    repeated = again.asset_materializations_for_node("lora_adapter")[0].metadata
+    assert repeated["already_trained"].value is True and repeated["mlflow_run_id"].value == run.info.run_id
+    assert any(m.startswith("already trained: step") for m in messages), messages
+    assert not any(m.startswith("step ") for m in messages), "no training step ran"
+    assert [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")] == history
+
+
+def test_a_training_that_cannot_start_leaves_no_output_folder(episode_dir, tmp_path, monkeypatch):
+    from assets.training import lora_adapter
+    from resources import ComputeResource
+
+    store_path = _training_setup(episode_dir, tmp_path, monkeypatch)
+    result = dg.materialize(
+        [train_val_split, lora_adapter], raise_on_error=False,
+        resources={"window_store": WindowStoreResource(path=str(store_path)), "compute": ComputeResource()},
+        run_config={"ops": {"lora_adapter": {"config": {"model": str(tmp_path / "no-such-kosmos")}}}},
+    )
+    assert not result.success
+    failure = result.failure_data_for_node("lora_adapter").error.message
+    assert "no-such-kosmos" in failure and "no such folder" in failure
+    assert not any((tmp_path / "models").glob("lora-*")), list((tmp_path / "models").iterdir())
+
 
 def test_lora_adapter_trains_in_two_processes_and_streams_their_log(episode_dir, tmp_path, monkeypatch):
     import mlflow

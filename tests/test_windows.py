@@ -210,3 +210,38 @@ def test_hdf5_reference_loader_matches_the_store(built):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]
+
+
+LOADER_AFTER_OPENCV = """
+import sys, cv2, numpy as np
+from vla_pipeline.training.windows import WindowDataset, colour_jitter, make_loader
+
+store, ids, rounds = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
+frames = np.random.default_rng(0).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
+for _ in range(3):  # OpenCV's thread pool has run here (a forked worker would inherit its locks)
+    colour_jitter(frames, 1.1, 0.9, 1.05)
+    cv2.resize(frames[0], (96, 96), interpolation=cv2.INTER_AREA)
+for round_ in range(rounds):
+    loader = make_loader(WindowDataset(store, ids, 8, 10), batch_size=4, workers=2)
+    assert sum(len(batch["start"]) for batch in loader) == 9
+    del loader
+    print(round_, flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_loader_workers_never_deadlock_after_the_parent_used_opencv(built):
+    """20 loaders of 2 workers each, in a process whose OpenCV thread pool has run (colour jitter,
+    as training does): a worker forked from it hangs in its first OpenCV call (seen with fork: the
+    first round never ends); the hard timeout fails the test instead."""
+    import subprocess
+    import sys
+
+    store, _ = built
+    try:
+        done = subprocess.run([sys.executable, "-c", LOADER_AFTER_OPENCV, str(store.path), f"{GOOD_NAME},{RIGHT_NAME}",
+                               "20"], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as expired:
+        pytest.fail(f"loader workers hung after rounds {expired.stdout!r}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(i) for i in range(20)]

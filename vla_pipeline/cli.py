@@ -210,9 +210,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_model(args) -> int:
-    from .evaluation.registry import ModelLookupError, resolve_version
+    from .evaluation.registry import ModelLookupError, policy_directory, resolve_version
 
     try:
+        if not args.model_uri.startswith("models:/"):
+            return _show_policy_folder(*policy_directory(args.model_uri))
         version = resolve_version(args.model_uri)
     except ModelLookupError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -236,6 +238,21 @@ def cmd_model(args) -> int:
     print("instruction flip (left ↔ right swapped, first step): " + (
         f"{flip} of {float(strafing):.0f} strafing predictions" if flip is not None and strafing is not None
         else flip or "not measured"))
+    return 0
+
+
+def _show_policy_folder(directory: Path, meta: dict) -> int:
+    """`vla-pipeline model` on a folder: what it holds (a folder has no gate decision or metrics)."""
+    from .policy.policy_config import read_policy_config
+
+    config = read_policy_config(directory)
+    bundle = meta.get("bundle")
+    kind = (f"deploy bundle ({bundle['dtype']}, exported {bundle['exported_at']} from {bundle['exported_from']})"
+            if bundle else "policy directory (a lora_adapter output, not a registered version)")
+    print(f"{directory}: {kind}")
+    print(f"policy: {config.preset} preset, window {config.window}, chunk {config.chunk}, {config.action_head} head, "
+          f"backbone {bundle['trained_backbone'] if bundle else config.backbone}")
+    print("gate and metrics: only registered versions have them (vla-pipeline model --model-uri models:/<name>@<alias>)")
     return 0
 
 
@@ -280,17 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     champion = f"models:/{DEFAULT_MODEL_NAME}@{CHAMPION}"
     predict = commands.add_parser("predict", help="run a registered policy over an episode file, one JSON line per frame")
     predict.add_argument("episode", type=Path, help="episode .h5 file in the collector's layout")
-    predict.add_argument("--model-uri", default=champion, help=f"models:/<name>@<alias>, models:/<name>/<version> "
-                         f"or a policy directory (default {champion})")
+    predict.add_argument("--model-uri", default=champion, help=f"models:/<name>@<alias>, models:/<name>/<version>, "
+                         f"a policy directory or a deploy bundle (default {champion})")
     predict.add_argument("--instruction", help="instruction text (default: the episode's own)")
     predict.set_defaults(run=cmd_predict)
 
     model = commands.add_parser("model", help="show a registered policy: version, gate decision, metrics vs baselines")
-    model.add_argument("--model-uri", default=champion, help=f"models:/<name>@<alias> or models:/<name>/<version> "
-                       f"(default {champion})")
+    model.add_argument("--model-uri", default=champion, help=f"models:/<name>@<alias>, models:/<name>/<version>, "
+                       f"a policy directory or a deploy bundle (default {champion})")
     model.set_defaults(run=cmd_model)
     export = commands.add_parser("export", help="write a self-contained deploy bundle (LoRA merged) of a policy")
-    export.add_argument("model_uri", help="models:/<name>@<alias>, models:/<name>/<version> or a policy directory")
+    export.add_argument("model_uri", help="models:/<name>@<alias>, models:/<name>/<version>, a policy directory "
+                        "or a bundle (re-exported at --dtype)")
     export.add_argument("out_dir", type=Path, help="the bundle folder to write (replaced if it is a bundle)")
     export.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                         help="the weights' precision (default fp16, as on the Jetson); merging happens in fp32")

@@ -9,6 +9,7 @@ The pyfunc model holds no pickled torch module: its only artifact is the policy 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -21,7 +22,8 @@ from mlflow.exceptions import MlflowException
 
 from ..policy.model import load_policy_dir
 from ..policy.policy_config import CONFIG_FILE, read_policy_config
-from ..policy.serving import StreamingPolicy
+from ..policy.bundle import BUNDLE_FILE
+from ..policy.serving import StreamingPolicy, load_bundle
 from ..training.tracking import mlflow_client, tracking_uri
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -113,7 +115,12 @@ def version_with_tag(name: str, key: str, value: str):
 
 
 def resolve_version(uri: str):
-    """models:/<name>@<alias> or models:/<name>/<version> -> ModelVersion; ModelLookupError if unknown."""
+    """models:/<name>@<alias> or models:/<name>/<version> -> ModelVersion; ModelLookupError if unknown.
+    Only reads: a sqlite registry that does not exist yet is reported, not created."""
+    registry_file = sqlite_registry_file()
+    if registry_file is not None and not registry_file.is_file():
+        raise ModelLookupError(f"{uri}: no model registry at {registry_file}: nothing is registered there yet "
+                               "(run from the repository root, or set MLFLOW_TRACKING_URI)")
     reference = uri.removeprefix("models:/")
     registry = client()
     name, _, alias = reference.partition("@")
@@ -139,6 +146,12 @@ def resolve_version(uri: str):
         raise ModelLookupError(f"{uri}: model {name!r} has no version {version}") from error
 
 
+def sqlite_registry_file() -> Path | None:
+    """The database file of a sqlite tracking URI; None for a tracking server."""
+    uri = tracking_uri()
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def policy_dir_of(version, destination: Path | str | None = None) -> Path:
     """Download a registered version's policy directory; returns its local path."""
     destination = Path(destination or tempfile.mkdtemp(prefix=f"{version.name}-v{version.version}-"))
@@ -160,15 +173,22 @@ def policy_directory(uri: str | Path) -> tuple[Path, dict]:
         return policy_dir_of(version), meta
     directory = Path(uri)
     if not (directory / CONFIG_FILE).is_file():
-        raise ModelLookupError(f"{directory}: not a policy directory (no {CONFIG_FILE}); "
-                               "give a models:/<name>@<alias> URI or a lora_adapter output folder")
+        what = "no such folder" if not directory.exists() else f"neither a policy directory (no {CONFIG_FILE}) " \
+                                                              f"nor a deploy bundle (no {BUNDLE_FILE})"
+        raise ModelLookupError(f"{directory}: {what}; give models:/<name>@<alias>, a lora_adapter output's "
+                               "policy folder or a folder written by `vla-pipeline export`")
+    if (directory / BUNDLE_FILE).is_file():
+        meta["bundle"] = json.loads((directory / BUNDLE_FILE).read_text())
     return directory, meta
 
 
 def load_policy(uri: str | Path, colour_order: str = "BGR", backbone: str | None = None, dtype=None) -> StreamingPolicy:
-    """A StreamingPolicy from a registry URI (`models:/mobile-vla@champion`) or a policy directory.
+    """A StreamingPolicy from a registry URI (`models:/mobile-vla@champion`), a policy directory
+    or a deploy bundle (`vla-pipeline export`; loaded as the robot loads it, `load_bundle`).
 
     `backbone` overrides where the Kosmos-2 weights come from (a hub id or a local directory).
     """
     directory, meta = policy_directory(uri)
+    if "bundle" in meta and backbone is None and dtype is None:
+        return load_bundle(directory, colour_order)
     return StreamingPolicy(load_policy_dir(directory, backbone_override=backbone, dtype=dtype), colour_order, meta)

@@ -365,6 +365,8 @@ def load_policy_dir(
     config = read_policy_config(directory)
     if backbone_override is not None:
         config = config.replace(backbone=str(backbone_override))
+    elif config.backbone == ".":  # a deploy bundle: the backbone is the folder itself
+        config = config.replace(backbone=str(directory))
     adapter = directory / ADAPTER_DIR if config.lora_enable else None
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: LoRA adapter missing (config has lora_enable)")

@@ -108,6 +108,7 @@ class TrainResult:
     peak_memory_gib: float = math.nan  # CUDA only: the most GPU memory allocated at once
     batch_size: int = 0  # the per-step batch and accumulation that ran (batch_size auto decides them)
     grad_accum: int = 0
+    already_trained: bool = False  # the same training had finished before: nothing ran
 
 
 def _to_model_batch(batch: dict) -> dict:
@@ -267,6 +268,20 @@ def train(
     elif (checkpoint / PICKLED_STATE).is_file():
         log(f"{checkpoint} is from an earlier release (pickled trainer state, never loaded): starting over")
     resumed_from = step
+    finished = output_dir / "training.json"
+    if (epoch >= config.epochs or step >= total_steps) and finished.is_file():
+        record = json.loads(finished.read_text())
+        log(f"already trained: step {step} of {total_steps} ({epoch} epochs) finished earlier in {output_dir}; "
+            "nothing to train")
+        accelerator.wait_for_everyone()
+        return TrainResult(
+            output_dir=output_dir, steps=step, epochs=epoch, best_val_loss=best_val, history=history,
+            parameters=counts, device=compute.device, precision=compute.precision,
+            seconds=time.perf_counter() - started, resumed_from_step=step,
+            steady_windows_per_s=record.get("steady_windows_per_s", math.nan),
+            peak_memory_gib=record.get("peak_memory_gib", math.nan),
+            batch_size=per_step, grad_accum=accumulation, already_trained=True,
+        )
 
     def checkpoint_now() -> None:
         if main:  # the others wait, so none runs ahead of a checkpoint it could resume from
@@ -281,7 +296,7 @@ def train(
     policy.train()
     # Steady state: the windows and seconds of optimizer steps after the warm-up ones, between
     # steps only (validation passes and checkpoints are not training time).
-    window_count, clock, steady = 0, time.perf_counter(), [0, 0.0]
+    window_count, clock, steady, recent = 0, time.perf_counter(), [0, 0.0], [0, 0.0]
     step_windows, since = 0, None
     while epoch < config.epochs and step < total_steps:
         train_set.set_epoch(epoch)
@@ -309,13 +324,15 @@ def train(
             step += 1
             now = time.perf_counter()
             if step - resumed_from > WARMUP_STEPS and since is not None:
-                steady[0], steady[1] = steady[0] + step_windows, steady[1] + now - since
+                for rate in (steady, recent):  # the run's and the last log interval's
+                    rate[0], rate[1] = rate[0] + step_windows, rate[1] + now - since
             if step - resumed_from >= WARMUP_STEPS:
                 since = now
             step_windows = 0
             if step % config.log_every == 0 or step == total_steps:
                 log(f"step {step}/{total_steps}  loss {running / seen:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
-                    f"{throughput(window_count, clock, steady)}" + (f"  peak {peak_gib(accelerator):.1f} GiB" if cuda else ""))
+                    f"{throughput(window_count, clock, recent)}" + (f"  peak {peak_gib(accelerator):.1f} GiB" if cuda else ""))
+                recent = [0, 0.0]
             if step % config.checkpoint_every == 0:
                 checkpoint_now()
             if step >= total_steps:
@@ -336,6 +353,8 @@ def train(
 
     steady_rate = steady[0] / steady[1] if steady[1] > 0 else math.nan
     peak = peak_gib(accelerator) if cuda else math.nan
+    log(f"trained {step - resumed_from} steps in {time.perf_counter() - started:.0f} s"
+        + (f": {steady_rate:.1f} windows/s on average after the warm-up steps" if steady[1] > 0 else ""))
     if main:
         (output_dir / "training.json").write_text(json.dumps(
             {"train_config": asdict(config), "history": history, "steps": step, "processes": processes,
@@ -360,10 +379,11 @@ def train(
     )
 
 
-def throughput(windows: int, clock: float, steady: list) -> str:
-    """Windows/s of every process together: steady state once the warm-up steps are done."""
-    if steady[1] > 0:
-        return f"{steady[0] / steady[1]:.1f} windows/s"
+def throughput(windows: int, clock: float, recent: list) -> str:
+    """Windows/s of every process together: over the steps since the last log line once the
+    warm-up steps are done, before that since the start."""
+    if recent[1] > 0:
+        return f"{recent[0] / recent[1]:.1f} windows/s"
     return f"{windows / (time.perf_counter() - clock):.1f} windows/s (warming up)"
 
 

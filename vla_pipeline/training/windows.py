@@ -14,6 +14,7 @@ the reference for benchmarks/ and the equality tests.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import re
@@ -178,6 +179,16 @@ def _seed_worker(worker_id: int) -> None:
     cv2.setNumThreads(1)  # one core per worker
 
 
+def _worker_context():
+    """Workers start from a forkserver, never as a fork of this process: a fork copies OpenCV's
+    thread pool's locks as they are, held ones included, and the worker then deadlocks in its
+    first OpenCV call (`cv2.setNumThreads` in `_seed_worker`). The server imports this module
+    once, so a worker starts without importing torch again."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # no effect once the server runs (ingest may have started it)
+    return context
+
+
 def make_loader(
     dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0, seed: int = 0
 ) -> DataLoader:
@@ -189,9 +200,7 @@ def make_loader(
         num_workers=workers,
         collate_fn=collate_windows,
         persistent_workers=workers > 0,
-        # Workers start from a fresh forkserver process, never a fork of this one: a fork copies
-        # OpenCV's thread-pool locks as they are, held ones included, and the worker deadlocks.
-        multiprocessing_context="forkserver" if workers > 0 else None,
+        multiprocessing_context=_worker_context() if workers > 0 else None,
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=torch.cuda.is_available(),
