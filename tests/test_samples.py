@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 
 from vla_pipeline.data.episodes import inspect_episode, read_frames
-from vla_pipeline.data.samples import write_sample_episodes
 from vla_pipeline.data.schema import ACTION_SCALE, parse_scenario
+from vla_pipeline.sim.operator import write_sample_episodes
 
 
 def test_layouts_names_and_values(tmp_path):
