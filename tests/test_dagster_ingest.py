@@ -44,6 +44,8 @@ DOMAIN_MODULES = [
     "vla_pipeline.data.ingest",
     "vla_pipeline.cli",
     "vla_pipeline.sim.operator",
+    "vla_pipeline.sim.rollout",
+    "vla_pipeline.sim.report",
     "vla_pipeline.data.contracts",
     "vla_pipeline.data.stats",
     "vla_pipeline.data.schema",
