@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from vla_pipeline.data.ingest import ingest_episodes
-from vla_pipeline.data.samples import write_sample_episodes
 from vla_pipeline.data.store import WindowStore
 from vla_pipeline.policy.backbone import build_local_backbone
 from vla_pipeline.policy.bundle import export_bundle
 from vla_pipeline.policy.model import build_policy, load_policy_dir
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.policy.serving import StreamingPolicy, load_bundle
+from vla_pipeline.sim.operator import write_sample_episodes
 from vla_pipeline.training.compute import plan_compute
 from vla_pipeline.training.split import split_from_store
 from vla_pipeline.training.train import (HALF, TrainConfig, keep_trained_in_fp32, probe_largest_batch,

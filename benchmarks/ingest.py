@@ -33,9 +33,9 @@ import h5py
 
 from vla_pipeline.data.episodes import EpisodeRejected, ValidationRules, inspect_episode
 from vla_pipeline.data.ingest import episode_files, ingest_episodes
-from vla_pipeline.data.samples import write_sample_episodes
 from vla_pipeline.data.schema import IMAGE_SIZE
 from vla_pipeline.data.store import WindowStore
+from vla_pipeline.sim.operator import write_sample_episodes
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from vla_pipeline.data.ingest import ingest_episodes
-from vla_pipeline.data.samples import write_sample_episodes
 from vla_pipeline.data.store import WindowStore
 from vla_pipeline.evaluation.evaluate import evaluate
 from vla_pipeline.evaluation.replay import ScriptedReplay
 from vla_pipeline.policy.policy_config import PolicyConfig
+from vla_pipeline.sim.operator import write_sample_episodes
 from vla_pipeline.training.split import split_from_store
 from vla_pipeline.training.train import TrainConfig, train
 

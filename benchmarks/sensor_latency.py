@@ -53,7 +53,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary home (make ui's log is in it)")
     args = parser.parse_args()
 
-    from vla_pipeline.data.samples import write_sample_episodes
+    from vla_pipeline.sim.operator import write_sample_episodes
 
     home = Path(tempfile.mkdtemp(prefix="vla-sensor-"))
     shutil.copy(ROOT / ".dagster" / "dagster.yaml", home / "dagster.yaml")

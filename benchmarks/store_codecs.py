@@ -19,7 +19,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from vla_pipeline.data.episodes import EpisodeRejected, inspect_episode, read_frames
-from vla_pipeline.data.samples import write_sample_episodes
+from vla_pipeline.sim.operator import write_sample_episodes
 
 CODECS = {
     "none": None,

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from vla_pipeline.data.episodes import EpisodeRejected, content_hash, inspect_episode
-from vla_pipeline.data.samples import write_sample_episodes
 from vla_pipeline.data.store import WindowStore
+from vla_pipeline.sim.operator import write_sample_episodes
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -43,7 +43,9 @@ DOMAIN_MODULES = [
     "vla_pipeline.data.store",
     "vla_pipeline.data.ingest",
     "vla_pipeline.cli",
-    "vla_pipeline.data.samples",
+    "vla_pipeline.sim.operator",
+    "vla_pipeline.sim.rollout",
+    "vla_pipeline.sim.report",
     "vla_pipeline.data.contracts",
     "vla_pipeline.data.stats",
     "vla_pipeline.data.schema",

@@ -1,4 +1,4 @@
-"""The package's stages import only downward: data ← policy ← training ← evaluation."""
+"""The package's stages import only downward: data ← sim ← policy ← training ← evaluation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vla_pipeline"
-STAGES = ["data", "policy", "training", "evaluation"]  # each may import only those before it
+STAGES = ["data", "sim", "policy", "training", "evaluation"]  # each may import only those before it
 ROOT_MODULES = {"__init__.py", "cli.py", "definitions.py"}
 
 

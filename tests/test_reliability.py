@@ -17,8 +17,8 @@ import pytest
 from conftest import write_episode_file
 from test_dagster_ingest import VLA, cli_env, dagster_home, dagster_instance, describe
 
-from vla_pipeline.data.samples import write_sample_episodes
 from vla_pipeline.data.store import WindowStore
+from vla_pipeline.sim.operator import write_sample_episodes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import h5py
 import numpy as np
 
 from vla_pipeline.data.episodes import inspect_episode, read_frames
-from vla_pipeline.data.samples import write_sample_episodes
 from vla_pipeline.data.schema import ACTION_SCALE, parse_scenario
+from vla_pipeline.sim.operator import write_sample_episodes
 
 
 def test_layouts_names_and_values(tmp_path):
@@ -60,3 +62,35 @@ def test_obstacle_is_red_after_conversion(tmp_path):
     red = (frames[..., 0] > 150) & (frames[..., 1] < 80) & (frames[..., 2] < 80)
     blue = (frames[..., 2] > 150) & (frames[..., 0] < 80) & (frames[..., 1] < 80)
     assert red.sum() > 10 * max(blue.sum(), 1)
+
+
+def contents_digest(paths) -> str:
+    """sha256 over every file's name, datasets and attrs; h5py's file bytes embed timestamps."""
+    digest = hashlib.sha256()
+
+    def add(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            data = obj[()]
+            digest.update(f"{name} {obj.dtype} {obj.shape}".encode())
+            # Variable-length strings come back as an object array, whose raw bytes are pointers.
+            digest.update(b"\0".join(data.tolist()) if data.dtype.kind == "O" else data.tobytes())
+
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with h5py.File(path) as h5:
+            h5.visititems(add)
+            for key in sorted(h5.attrs):
+                value = h5.attrs[key]
+                digest.update(key.encode())
+                digest.update(value.encode() if isinstance(value, str) else np.asarray(value).tobytes())
+    return digest.hexdigest()
+
+
+# Computed on the generator before it moved into the sim stage: moving or reusing its code must
+# leave every pixel, action and attr of the sample episodes as it was.
+GOLDEN_SAMPLES_SHA256 = "6acf0a622cf804daeaa05efda2c17d9c6bcf9f80b3aa428badd88041c5c76d8b"
+
+
+def test_samples_match_the_golden_digest(tmp_path):
+    paths = write_sample_episodes(tmp_path, 7, seed=3, height=90, width=160)
+    assert contents_digest(paths) == GOLDEN_SAMPLES_SHA256

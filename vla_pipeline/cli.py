@@ -39,7 +39,7 @@ def _dagster_home() -> None:
 
 
 def cmd_sample_episodes(args) -> int:
-    from .data.samples import write_sample_episodes
+    from .sim.operator import write_sample_episodes
 
     paths = write_sample_episodes(args.out_dir, args.n, seed=args.seed, progress=print)
     print(f"{len(paths)} sample episodes in {args.out_dir}")

@@ -1,0 +1,63 @@
+"""Closed-loop rollout throughput: the three model-free baselines at the collector's 720p.
+
+    .venv/bin/python benchmarks/rollouts.py [--episodes 48] [--seed 0] [--envs 1 2 4] [--height 720 --width 1280]
+
+For each number of environments (1: the env in this process; more: gymnasium's AsyncVectorEnv,
+forkserver workers, drivers in this process) every baseline drives the same plan; a row gives
+its wall time, including the workers' start, rollouts/s and presses/s (a press renders one frame).
+`start s` is the time to start and close that many workers alone. Then the baselines' scores over
+the plan, and whether every parallel run gave the serial run's results. Exits 1 if one did not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from vla_pipeline.sim.controllers import BASELINES
+from vla_pipeline.sim.rollout import open_envs, plan, run_rollouts, summarise
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--envs", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--width", type=int, default=1280)
+    args = parser.parse_args()
+    env_kwargs = {"height": args.height, "width": args.width}
+    rollouts = plan(args.episodes, args.seed)
+    print(f"{args.episodes} rollouts per baseline at {args.height}x{args.width}, plan seed {args.seed}, "
+          f"{os.cpu_count()} CPUs")
+    print("| envs | start s | baseline | rollouts | presses | wall s | rollouts/s | presses/s |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    first, scores, same = {}, {}, True
+    for envs in args.envs:
+        started = time.perf_counter()
+        open_envs(envs, env_kwargs).close()
+        start_s = time.perf_counter() - started
+        for name, driver in BASELINES.items():
+            started = time.perf_counter()
+            results = run_rollouts(driver, rollouts, envs=envs, env_kwargs=env_kwargs)
+            wall = time.perf_counter() - started
+            presses = sum(r.presses for r in results)
+            print(f"| {envs} | {start_s:.1f} | {name} | {len(results)} | {presses} | {wall:.1f} | "
+                  f"{len(results) / wall:.2f} | {presses / wall:.1f} |", flush=True)
+            records = [r.to_dict() for r in results]
+            scores.setdefault(name, summarise(results))
+            first.setdefault(name, records)
+            same = same and records == first[name]
+    print("\n| baseline | success | SPL | collision | wrong side | timeout+lost | invalid |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, summary in scores.items():
+        print(f"| {name} | {summary['success_rate']:.3f} | {summary['spl']:.3f} | {summary['collision_rate']:.3f} | "
+              f"{summary['wrong_side_rate']:.3f} | {summary['timeout_rate']:.3f} | {summary['invalid_rate']:.3f} |")
+    print(f"\nevery run gave the first run's results: {'yes' if same else 'NO'}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

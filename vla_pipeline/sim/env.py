@@ -1,0 +1,207 @@
+"""BoxNav: the sample episodes' room as a gymnasium environment, one step per key press.
+
+Observation: the camera frame as the collector records it (BGR uint8) and the instruction.
+Action: (linear_x, linear_y) in robot units, applied as one key press: the base moves by
+action × PRESS_SECONDS, and the next frame is the one captured at the next press.
+"""
+from __future__ import annotations
+
+import math
+import string
+from dataclasses import dataclass, field
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+
+from ..data.schema import ACTION_SCALE, INSTRUCTION_TEMPLATE, Scenario, parse_scenario
+from .geometry import Point, shortest_path, sweep
+from .operator import core_goal_x
+from .render import Renderer
+from .scene import PRESS_SECONDS, TARGETS, Scene, build_scene
+
+ENV_ID = "vla_pipeline/BoxNav-v0"
+# A core guide ends 0.9 m short of the target along x, and the target stands up to 0.1 m off the
+# centre line, so the guide's last pose is at most 0.906 m away; 1.0 m counts it as arrived while
+# the pose one press earlier (1.36 m away) does not.
+SUCCESS_RADIUS = 1.0
+# The arena: the floor has no side walls, so a robot this far sideways or behind its start has
+# left the room the sample episodes show (the guide's widest berth is 3 strafes, 1.4 m).
+ARENA_HALF_WIDTH = 2.5
+ARENA_BEHIND = 1.0
+MAX_PRESSES = 30  # an episode is 17 presses, the longest sample 23; 30 leaves room for detours
+ACTION_TOLERANCE = 1e-4  # robot units past ±ACTION_SCALE still taken as full scale (float rounding)
+INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " " + string.punctuation
+SCENARIO_FORM = ("{1box|2box}_{hori|vert}_{left|right}_{core|variant}_{close|medium|far}, "
+                 "optionally prefixed basket_ (e.g. 1box_hori_left_core_medium)")
+OUTCOMES = ("success", "collision", "wrong_side", "lost", "timeout", "invalid_action")
+
+
+def scenario_from_token(token) -> Scenario:
+    """The scenario a reset option names, or a ValueError that shows the accepted form."""
+    parsed = parse_scenario(token) if isinstance(token, str) else None
+    if parsed is None or parsed.name != token:
+        raise ValueError(f"options['scenario'] = {token!r} is not a scenario token: expected {SCENARIO_FORM}")
+    return parsed
+
+
+def draw_scenario(rng: np.random.Generator) -> Scenario:
+    """A scripted scenario of the sample episodes' space, drawn from `rng`."""
+    return Scenario(boxes=str(rng.choice(["1box", "2box"])), layout=str(rng.choice(["hori", "vert"])),
+                    side=str(rng.choice(["left", "right"])), pattern="core",
+                    distance=str(rng.choice(["close", "medium", "far"])))
+
+
+def action_problem(action) -> str | None:
+    """Why `action` cannot be one key press, or None when it can."""
+    values = np.asarray(action, dtype=np.float64)
+    if values.shape != (2,):
+        return f"action has shape {values.shape}, expected (2,) = (linear_x, linear_y)"
+    if not np.all(np.isfinite(values)):
+        return f"action {values.tolist()} is not finite"
+    if np.any(np.abs(values) > ACTION_SCALE + ACTION_TOLERANCE):
+        return f"action {values.tolist()} is outside ±{ACTION_SCALE} (robot units per axis)"
+    return None
+
+
+@dataclass
+class Episode:
+    """Everything one episode holds between presses."""
+
+    scenario: Scenario
+    target: str
+    scene: Scene
+    renderer: Renderer
+    frame: np.ndarray
+    shortest_path: float
+    pose: Point = (0.0, 0.0)
+    path: list[Point] = field(default_factory=lambda: [(0.0, 0.0)])
+    path_length: float = 0.0
+    passed_side: str | None = None  # the side the robot's centre first got past the obstacle's far edge
+    outcome: str | None = None
+    reason: str | None = None
+
+    @property
+    def obstacles(self) -> list[tuple[float, float, float, float]]:
+        return [(b.x0, b.x1, b.y0, b.y1) for b in self.scene.boxes]
+
+
+class BoxNavEnv(gymnasium.Env):
+    """Go round the obstacle on the instructed side and reach the target. Reward 1 on success.
+
+    reset(options={"scenario": token, "target": "cup"|"bottle"|"basket"}); without a scenario
+    it is drawn from the seed. A vector env's reset hands one options dict to every sub-env,
+    so each can also be given its own through `queued_options` (set_attr), which the next
+    reset merges under its own options and then forgets.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 1 / PRESS_SECONDS}
+
+    def __init__(self, render_mode: str | None = None, height: int = 720, width: int = 1280,
+                 max_presses: int = MAX_PRESSES):
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode={render_mode!r}: expected None or 'rgb_array'")
+        if max_presses < 1:
+            raise ValueError(f"max_presses={max_presses}: expected at least 1")
+        self.render_mode, self.height, self.width, self.max_presses = render_mode, height, width, max_presses
+        self.observation_space = spaces.Dict({
+            "image": spaces.Box(0, 255, (height, width, 3), np.uint8),
+            "instruction": spaces.Text(max_length=128, min_length=1, charset=INSTRUCTION_CHARSET),
+        })
+        self.action_space = spaces.Box(-ACTION_SCALE, ACTION_SCALE, (2,), np.float32)
+        self.queued_options: dict | None = None
+        self.episode: Episode | None = None
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = {**(self.queued_options or {}), **(options or {})}
+        self.queued_options = None
+        unknown = sorted(set(options) - {"scenario", "target"})
+        if unknown:
+            raise ValueError(f"unknown reset options {unknown}: expected 'scenario' and/or 'target'")
+        scenario = (scenario_from_token(options["scenario"]) if "scenario" in options
+                    else draw_scenario(self.np_random))
+        target = options.get("target", scenario.target)
+        if target not in TARGETS:
+            raise ValueError(f"options['target'] = {target!r}: expected one of {', '.join(TARGETS)}")
+        # The scene of a scripted episode of this scenario, drawn as the operator draws it.
+        scene = build_scene(scenario, target, core_goal_x(scenario.distance), self.np_random)
+        renderer = Renderer(scene, self.np_random, self.height, self.width)
+        self.episode = Episode(scenario, target, scene, renderer, frame=renderer.frame(0.0, 0.0),
+                               shortest_path=shortest_path((0.0, 0.0), scene.target_xy, SUCCESS_RADIUS,
+                                                           scene.footprint, scenario.side))
+        return self._observation(), self._info()
+
+    def step(self, action):
+        episode = self.episode
+        if episode is None:
+            raise RuntimeError("step() before reset(): call reset() to start an episode")
+        if episode.outcome is not None:  # a finished episode stays as it ended
+            return self._observation(), 0.0, self._terminated(), self._truncated(), self._info()
+        problem = action_problem(action)
+        if problem is not None:
+            episode.outcome, episode.reason = "invalid_action", problem
+            return self._observation(), 0.0, True, False, self._info()
+        # As a recorded key press: float32 command values, the base driven for PRESS_SECONDS.
+        command = np.clip(np.asarray(action, dtype=np.float32), self.action_space.low, self.action_space.high)
+        command = command.astype(np.float64)
+        move = (float(command[0] * PRESS_SECONDS), float(command[1] * PRESS_SECONDS))
+        positions, touched = sweep(episode.pose, move, episode.obstacles)
+        _, far_edge_x, low_y, high_y = episode.scene.footprint
+        for x, y in positions:
+            if episode.passed_side is None and x > far_edge_x:
+                episode.passed_side = "left" if y > (low_y + high_y) / 2 else "right"
+        episode.path_length += math.dist(episode.pose, positions[-1])
+        episode.pose = positions[-1]
+        episode.path.append(episode.pose)
+        episode.frame = episode.renderer.frame(*episode.pose)
+        episode.outcome, episode.reason = self._judge(touched)
+        reward = 1.0 if episode.outcome == "success" else 0.0
+        return self._observation(), reward, self._terminated(), self._truncated(), self._info()
+
+    def _judge(self, touched: str | None) -> tuple[str | None, str | None]:
+        episode = self.episode
+        (x, y), side = episode.pose, episode.scenario.side
+        if touched is not None:
+            return "collision", f"the footprint touched {touched}; stopped at ({x:.2f}, {y:.2f})"
+        if episode.passed_side not in (None, side):
+            return "wrong_side", f"passed the obstacle on the {episode.passed_side}, instructed {side}"
+        if abs(y) > ARENA_HALF_WIDTH or x < -ARENA_BEHIND:
+            return "lost", (f"left the arena at ({x:.2f}, {y:.2f}): more than {ARENA_HALF_WIDTH} m sideways "
+                            f"or {ARENA_BEHIND} m behind the start")
+        distance = math.dist(episode.pose, episode.scene.target_xy)
+        if episode.passed_side == side and distance <= SUCCESS_RADIUS:
+            return "success", f"{distance:.2f} m from the {episode.target} after passing on the {side}"
+        if len(episode.path) - 1 >= self.max_presses:
+            return "timeout", f"{self.max_presses} presses without reaching the {episode.target}"
+        return None, None
+
+    def _terminated(self) -> bool:
+        return self.episode.outcome not in (None, "timeout")
+
+    def _truncated(self) -> bool:
+        return self.episode.outcome == "timeout"
+
+    def instruction(self) -> str:
+        return INSTRUCTION_TEMPLATE.format(side=self.episode.scenario.side, target=self.episode.target)
+
+    def _observation(self) -> dict:
+        return {"image": self.episode.frame.copy(), "instruction": self.instruction()}
+
+    def _info(self) -> dict:
+        episode = self.episode
+        scenario = episode.scenario
+        return {
+            "scenario": scenario.name, "instruction": self.instruction(), "side": scenario.side,
+            "distance": scenario.distance, "boxes": scenario.boxes, "layout": scenario.layout,
+            "target": episode.target, "pose": episode.pose, "path": list(episode.path),
+            "presses": len(episode.path) - 1, "path_length": float(episode.path_length),
+            "shortest_path": float(episode.shortest_path), "outcome": episode.outcome,
+            "reason": episode.reason, "obstacles": episode.obstacles,
+            "target_xy": tuple(float(v) for v in episode.scene.target_xy), "success_radius": SUCCESS_RADIUS,
+        }
+
+    def render(self):
+        if self.render_mode == "rgb_array" and self.episode is not None:
+            return np.ascontiguousarray(self.episode.frame[..., ::-1])
+        return None

@@ -1,0 +1,92 @@
+"""Rollouts as people look at them: top-down paths per scenario cell, and videos of the camera."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .rollout import DISTANCES, RolloutResult
+from .scene import PRESS_SECONDS
+
+OUTCOME_COLOURS = {"success": "tab:green", "collision": "tab:red", "wrong_side": "tab:orange",
+                   "lost": "tab:purple", "timeout": "tab:gray", "invalid_action": "black",
+                   "controller_error": "black"}
+VIDEO_WIDTH = 320  # px; enough to see the scene, small enough to attach anywhere
+
+
+def paths_figure(results: list[RolloutResult], columns: int = 4) -> bytes:
+    """PNG: one top-down panel per side/distance/boxes cell (forward is up, the robot's left is
+    left) with the boxes, the target and its success circle, and every rollout's path coloured
+    by its outcome."""
+    # The object-oriented API: no pyplot state, no backend switch for the whole process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Circle, Rectangle
+
+    if not results:
+        raise ValueError("paths_figure: no rollouts to draw (results is empty)")
+    cells: dict[str, list[RolloutResult]] = {}
+    for result in results:
+        cells.setdefault(result.cell, []).append(result)
+    columns = min(columns, len(cells))
+    rows = -(-len(cells) // columns)
+    figure = Figure(figsize=(2.4 * columns, 3.6 * rows + 0.6))
+    FigureCanvasAgg(figure)
+    def reading_order(cell: str) -> tuple:  # left before right, near before far
+        side, distance, boxes = cell.split("/")
+        return side, DISTANCES.index(distance), boxes
+
+    for panel, cell in enumerate(sorted(cells, key=reading_order)):
+        cell_results = cells[cell]
+        ax = figure.add_subplot(rows, columns, panel + 1)
+        for result in cell_results:
+            for x0, x1, y0, y1 in result.obstacles:  # plotted as (-y, x): left on the left, forward up
+                ax.add_patch(Rectangle((-y1, x0), y1 - y0, x1 - x0, color="tab:red", alpha=0.25, lw=0))
+            tx, ty = result.target_xy
+            ax.add_patch(Circle((-ty, tx), result.success_radius, fill=False, ls=":", color="tab:blue", lw=0.8))
+            ax.plot(-ty, tx, marker="*", color="tab:blue", ms=8)
+            path = np.asarray(result.path)
+            ax.plot(-path[:, 1], path[:, 0], ".-", color=OUTCOME_COLOURS.get(result.outcome, "black"),
+                    lw=1.2, ms=3, alpha=0.8)
+        ax.set_title(f"{cell} ({len(cell_results)})", fontsize=9)
+        ax.set_aspect("equal")
+        ax.set_xlim(-2.6, 2.6)
+        ax.set_ylim(-0.6, max(r.target_xy[0] + r.success_radius for r in cell_results) + 0.3)
+        ax.tick_params(labelsize=7)
+    present = [outcome for outcome in OUTCOME_COLOURS if any(r.outcome == outcome for r in results)]
+    figure.legend([Line2D([], [], color=OUTCOME_COLOURS[o], lw=2) for o in present], present,
+                  loc="lower center", ncol=len(present), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    return buffer.getvalue()
+
+
+def write_video(frames_bgr: list[np.ndarray], path: str | Path, fps: float = 1 / PRESS_SECONDS) -> Path:
+    """An MP4 (mp4v) of the frames, downscaled to VIDEO_WIDTH, one frame per press by default.
+
+    Where this OpenCV cannot write MP4, an animated GIF (Pillow) next to it: the path returned says which.
+    """
+    if len(frames_bgr) == 0:
+        raise ValueError(f"{path}: no frames to write")
+    height, width = frames_bgr[0].shape[:2]
+    size = (VIDEO_WIDTH, max(2, round(height * VIDEO_WIDTH / width / 2) * 2))  # codecs want even sizes
+    small = [cv2.resize(frame, size, interpolation=cv2.INTER_AREA) for frame in frames_bgr]
+    path = Path(path).with_suffix(".mp4")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    if writer.isOpened():
+        for frame in small:
+            writer.write(frame)
+        writer.release()
+        return path
+    writer.release()
+    from PIL import Image
+
+    gif = path.with_suffix(".gif")
+    images = [Image.fromarray(np.ascontiguousarray(frame[..., ::-1])) for frame in small]
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return gif
