@@ -6,6 +6,7 @@ cost once. Metadata and check results are still recorded per partition.
 """
 
 
+import re
 import time
 from collections.abc import Sequence
 
@@ -125,12 +126,35 @@ def raw_episode(context: dg.AssetExecutionContext, episode_folder: EpisodeFolder
         except EpisodeRejected as rejection:
             reason = rejection.reason
             summary = {"status": "rejected", "reason": reason, "source_file": str(path)}
-            context.log.warning(f"{episode_id}: rejected: {reason}")
+            # In the partition's metadata and check; episode_windows and the CLI count rejections.
+            context.log.debug(f"{episode_id}: rejected: {reason}")
         context.add_asset_metadata(summary, partition_key=episode_id)
         # A quarantined file is an expected outcome, not a broken asset: a warning, not an error.
         checks.add(RAW_VALID, episode_id, not reason, {"reason": reason or "ok"}, warn=bool(reason))
     yield dg.MaterializeResult()
     yield from checks.emit(context)
+
+
+PROGRESS_EVERY_S = 10.0
+
+
+def _every_few_seconds(log):
+    """Ingest's per-episode lines in the debug log, and an info line with the count every
+    PROGRESS_EVERY_S (a long ingest shows it moves; a short one shows its total only)."""
+    last = time.monotonic()
+
+    def progress(line: str) -> None:
+        nonlocal last
+        counted = re.match(r"\[(\d+)/(\d+)\]", line)
+        if counted is None:  # waiting for another writer and the like
+            log.info(line)
+            return
+        log.debug(line)
+        if time.monotonic() - last >= PROGRESS_EVERY_S and counted[1] != counted[2]:
+            last = time.monotonic()
+            log.info(f"{counted[1]}/{counted[2]} episodes done")
+
+    return progress
 
 
 @dg.asset(
@@ -161,7 +185,7 @@ def episode_windows(
         window_store.rules,
         window_store.image_size,
         workers=window_store.workers,
-        progress=context.log.info,
+        progress=_every_few_seconds(context.log),
     )
     checks = PartitionChecks("episode_windows", [STORE_SCHEMA, RGB_ORDER])
     for outcome in outcomes:

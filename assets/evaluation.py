@@ -4,19 +4,18 @@ episodes, and its registration in the MLflow model registry behind a promotion g
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager  # not exported in 1.13
 from pydantic import Field
 
+from assets.ui import metadata_plot, metadata_table
 from resources import ComputeResource, WindowStoreResource
 from vla_pipeline.evaluation import gate
 from vla_pipeline.evaluation.metrics import DEFAULT_DEAD_BAND
 from vla_pipeline.evaluation.report import (
-    CONFUSION_PLOT, NO_SENSITIVITY, PREDICTIONS_PLOT, Table, confusion_table, group_table, inline_image, markdown,
-    per_class_table, per_dimension_table, sensitivity_table, summary_table, write_report,
+    CONFUSION_PLOT, PREDICTIONS_PLOT, confusion_table, group_table, markdown, per_class_table, per_dimension_table,
+    sensitivity_table, summary_table, write_report,
 )
 from vla_pipeline.policy.policy_config import ACTION_STATS_FILE
 from vla_pipeline.training.split import Split
@@ -32,31 +31,6 @@ def _load(policy_dir, compute: ComputeResource):
 
     policy = load_policy_dir(policy_dir)
     return policy.to(compute.plan().device)
-
-
-def _table(table: Table | None, empty: str = NO_SENSITIVITY) -> dg.MetadataValue:
-    """A table the asset page renders as one (markdown tables over 1,000 characters hide behind a button)."""
-    if table is None:
-        return dg.MetadataValue.md(empty)
-    return dg.MetadataValue.table(
-        records=[dg.TableRecord(dict(zip(table.header, row))) for row in table.cells()],
-        schema=dg.TableSchema(columns=[dg.TableColumn(name, "string") for name in table.header]),
-    )
-
-
-def _plot(context: dg.AssetExecutionContext, path: Path, title: str) -> dg.MetadataValue:
-    """A plot shown inline on the asset page. Dagster renders only short markdown inline, so the
-    PNG is not embedded but served by the webserver itself from the instance's compute-log
-    folder (its /logs/ route). With a compute log manager that has no such folder, it is embedded
-    and shown behind "[Show Markdown]"."""
-    manager = context.instance.compute_log_manager
-    if not isinstance(manager, LocalComputeLogManager):
-        return dg.MetadataValue.md(inline_image(path, title))
-    key = ["vla_reports", context.run_id, path.stem]
-    served = Path(manager.get_captured_local_path(key, path.suffix.lstrip(".")))
-    served.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, served)
-    return dg.MetadataValue.md(f"![{title}](/logs/{'/'.join(key)}/{path.suffix.lstrip('.')})")
 
 
 def _train_mean(policy_dir) -> list[float]:
@@ -125,16 +99,16 @@ def evaluation_metrics(
             "instruction_flip_fraction": numbers.get("instruction_flip_fraction_first", float("nan")),
             "val_episodes": result["episodes"],
             "predictions": result["predictions"],
-            "predictions_plot": _plot(context, report_dir / PREDICTIONS_PLOT, "predicted vs recorded"),
-            "confusion_plot": _plot(context, report_dir / CONFUSION_PLOT, "confusion matrix"),
-            "model_vs_baselines_first_step": _table(summary_table(result)),
-            "model_vs_baselines_all_steps": _table(summary_table(result, "all")),
-            "instruction_sensitivity": _table(sensitivity_table(result["instruction_sensitivity"])),
-            "errors_per_dimension": _table(per_dimension_table(result)),
-            "direction_classes": _table(per_class_table(result)),
-            "confusion_matrix": _table(confusion_table(result)),
-            "by_side_first_step": _table(group_table(result["by_side"], "side")),
-            "by_scenario_first_step": _table(group_table(result["by_scenario"], "scenario")),
+            "predictions_plot": metadata_plot(context, report_dir / PREDICTIONS_PLOT, "predicted vs recorded"),
+            "confusion_plot": metadata_plot(context, report_dir / CONFUSION_PLOT, "confusion matrix"),
+            "model_vs_baselines_first_step": metadata_table(summary_table(result)),
+            "model_vs_baselines_all_steps": metadata_table(summary_table(result, "all")),
+            "instruction_sensitivity": metadata_table(sensitivity_table(result["instruction_sensitivity"])),
+            "errors_per_dimension": metadata_table(per_dimension_table(result)),
+            "direction_classes": metadata_table(per_class_table(result)),
+            "confusion_matrix": metadata_table(confusion_table(result)),
+            "by_side_first_step": metadata_table(group_table(result["by_side"], "side")),
+            "by_scenario_first_step": metadata_table(group_table(result["by_scenario"], "scenario")),
             "report": dg.MetadataValue.path(str(report_dir / "report.md")),
             **({"mlflow_run": dg.MetadataValue.url(run_link(run_id, experiment))} if run_id else {}),
         },
@@ -147,6 +121,9 @@ class RegistryConfig(dg.Config):
         default=0.05, description="first-step direction accuracy the model must gain over the best constant baseline")
     require_beating_replay: bool = Field(
         default=False, description="also require a first-step direction accuracy above the scripted replay's")
+    min_closed_loop_success: float = Field(
+        default=gate.DEFAULT_MIN_CLOSED_LOOP_SUCCESS, ge=0.0, le=1.0,
+        description="where the data comes from a simulated world: the closed-loop success rate required")
 
 
 def _version_tags(numbers: dict, split: Split, lora_adapter: str, snapshot: dict) -> dict[str, str]:
@@ -162,20 +139,30 @@ def _version_tags(numbers: dict, split: Split, lora_adapter: str, snapshot: dict
     return tags
 
 
+def _closed_loop_tags(closed_loop_metrics: dict) -> dict[str, str]:
+    if not closed_loop_metrics.get("env"):
+        return {"closed_loop": f"skipped: {closed_loop_metrics.get('skipped')}"[:4900]}
+    numbers = closed_loop_metrics["headline"]
+    return {"closed_loop": closed_loop_metrics["env"],
+            **{f"metric.{key}": f"{value:.4f}" for key, value in numbers.items()}}
+
+
 @dg.asset(group_name="evaluation", kinds={"mlflow"})
 def registered_model(
     context: dg.AssetExecutionContext,
     config: RegistryConfig,
     lora_adapter: str,
     evaluation_metrics: dict,
+    closed_loop_metrics: dict,
     train_val_split: dict,
     window_store: WindowStoreResource,
     compute: ComputeResource,
 ) -> dg.Output:
     """A new version of the registered model (MLflow pyfunc whose artifact is the policy
     directory). It takes alias `champion` only if it beats the best constant baseline by
-    `min_accuracy_margin` and matches the current champion re-evaluated on the same
-    validation episodes; otherwise alias `challenger`, with the reason."""
+    `min_accuracy_margin`, reaches the goal in `min_closed_loop_success` of its closed-loop
+    rollouts (where the data comes from a simulated world), and matches the current champion
+    re-evaluated on the same validation episodes; otherwise alias `challenger`, with the reason."""
     import mlflow
 
     from vla_pipeline.evaluation import registry
@@ -202,11 +189,15 @@ def registered_model(
         config.min_accuracy_margin, champion_accuracy, champion.version if champion else None,
         replay_accuracy=result["scripted_replay"]["first"]["direction_accuracy"]
         if config.require_beating_replay and result.get("scripted_replay") else None,
+        closed_loop_success=closed_loop_metrics["headline"]["closed_loop_success_rate"]
+        if closed_loop_metrics.get("env") else None,
+        min_closed_loop_success=config.min_closed_loop_success,
     )
 
     store = window_store.open()
     hashes = {i: store.episode_attrs(i)["content_hash"] for i in split.train + split.val}
     tags = _version_tags(numbers, split, lora_adapter, data_snapshot(split.train, split.val, hashes))
+    tags.update(_closed_loop_tags(closed_loop_metrics))
     tags.update(promotion=decision.alias, promotion_reason=decision.reason)
     run_id, experiment = training_run_id(lora_adapter), experiment_id()
     client = registry.client()

@@ -1,6 +1,10 @@
-"""Closed-loop rollout throughput: the three model-free baselines at the collector's 720p.
+"""Closed-loop rollout throughput: the three model-free baselines (and a policy) at the collector's 720p.
 
     .venv/bin/python benchmarks/rollouts.py [--episodes 48] [--seed 0] [--envs 1 2 4] [--height 720 --width 1280]
+                                            [--policy MODEL_URI]
+
+--policy adds the policy (a registry URI, a policy directory or a bundle) as a fourth driver, loaded
+once before the clock starts.
 
 For each number of environments (1: the env in this process; more: gymnasium's AsyncVectorEnv,
 forkserver workers, drivers in this process) every baseline drives the same plan; a row gives
@@ -27,19 +31,27 @@ def main() -> int:
     parser.add_argument("--envs", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--policy", help="also drive this policy (models:/…, a policy directory or a bundle)")
     args = parser.parse_args()
+    drivers = dict(BASELINES)
+    if args.policy:
+        from vla_pipeline.evaluation.closed_loop import PolicyDriver
+        from vla_pipeline.evaluation.registry import load_policy
+
+        loaded = load_policy(args.policy)
+        drivers["policy"] = lambda: PolicyDriver(loaded)
     env_kwargs = {"height": args.height, "width": args.width}
     rollouts = plan(args.episodes, args.seed)
-    print(f"{args.episodes} rollouts per baseline at {args.height}x{args.width}, plan seed {args.seed}, "
+    print(f"{args.episodes} rollouts per driver at {args.height}x{args.width}, plan seed {args.seed}, "
           f"{os.cpu_count()} CPUs")
-    print("| envs | start s | baseline | rollouts | presses | wall s | rollouts/s | presses/s |")
+    print("| envs | start s | driver | rollouts | presses | wall s | rollouts/s | presses/s |")
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     first, scores, same = {}, {}, True
     for envs in args.envs:
         started = time.perf_counter()
         open_envs(envs, env_kwargs).close()
         start_s = time.perf_counter() - started
-        for name, driver in BASELINES.items():
+        for name, driver in drivers.items():
             started = time.perf_counter()
             results = run_rollouts(driver, rollouts, envs=envs, env_kwargs=env_kwargs)
             wall = time.perf_counter() - started
@@ -50,7 +62,7 @@ def main() -> int:
             scores.setdefault(name, summarise(results))
             first.setdefault(name, records)
             same = same and records == first[name]
-    print("\n| baseline | success | SPL | collision | wrong side | timeout+lost | invalid |")
+    print("\n| driver | success | SPL | collision | wrong side | timeout+lost | invalid |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, summary in scores.items():
         print(f"| {name} | {summary['success_rate']:.3f} | {summary['spl']:.3f} | {summary['collision_rate']:.3f} | "

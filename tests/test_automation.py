@@ -19,6 +19,7 @@ from assets.automation import (
     automation_sensor, contiguous_ranges, ingest_job, new_episodes_sensor, retrain_job, retrain_schedule,
 )
 from assets.episodes import episode_partitions, episode_windows, raw_episode
+from assets.closed_loop import closed_loop_metrics
 from assets.evaluation import evaluation_metrics, registered_model
 from assets.training import lora_adapter, train_val_split
 from resources import ComputeResource, EpisodeFolder, WindowStoreResource
@@ -44,7 +45,8 @@ class Pipeline:
             "compute": ComputeResource(),
         }
         self.defs = dg.Definitions(
-            assets=[raw_episode, episode_windows, train_val_split, lora_adapter, evaluation_metrics, registered_model],
+            assets=[raw_episode, episode_windows, train_val_split, lora_adapter, evaluation_metrics, closed_loop_metrics,
+                    registered_model],
             jobs=[ingest_job, retrain_job], sensors=[new_episodes_sensor, automation_sensor],
             schedules=[retrain_schedule], resources=self.resources,
         )

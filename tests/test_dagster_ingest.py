@@ -304,6 +304,13 @@ def test_ingest_stores_good_episodes_and_rejects_broken_files(ingested: Batch):
         batch.ingest.stdout
     ), describe(batch.ingest)
     assert "notes" not in batch.ingest.stdout.replace("notes_export", "")
+    # Rejections are reported once, in the summary line, alike reasons counted together.
+    done = next(line for line in batch.ingest.stdout.splitlines() if line.startswith("done: "))
+    if batch.short():
+        assert f"{len(batch.short())} × only " in done, done
+    for stem in batch.short() + sorted(batch.broken):
+        assert stem not in batch.ingest.stdout, f"{stem} listed:\n{batch.ingest.stdout}"
+    assert batch.ingest.stdout.count("a training window needs") <= 1, describe(batch.ingest)
 
 
 def test_second_ingest_stores_nothing_new(reingested: Batch):

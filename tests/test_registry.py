@@ -14,6 +14,7 @@ import pytest
 from conftest import scripted_actions, write_episode_file
 from test_serving import set_constant_output
 
+from assets.closed_loop import closed_loop_metrics
 from assets.evaluation import evaluation_metrics, registered_model
 from resources import ComputeResource, WindowStoreResource
 from vla_pipeline import cli
@@ -42,6 +43,15 @@ def test_gate_needs_at_least_the_champion_on_the_same_validation_set():
     assert decide_promotion(0.75, "zero", 0.2, 0.05, champion_accuracy=0.75, champion_version="3").promoted
     first = decide_promotion(0.75, "zero", 0.2, 0.05)
     assert first.promoted and "no champion" in first.reason
+
+
+def test_gate_needs_the_closed_loop_floor_when_there_is_a_world():
+    below = decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=0.40, min_closed_loop_success=0.5)
+    assert below.alias == "challenger"
+    assert "closed-loop success 0.40, required at least 0.50: not met" in below.reason
+    assert decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=0.5, min_closed_loop_success=0.5).promoted
+    assert decide_promotion(0.9, "zero", 0.2, 0.05).promoted  # no world (robot data): no closed-loop clause
+    assert "closed-loop" not in decide_promotion(0.9, "zero", 0.2, 0.05).reason
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +98,7 @@ def _register(env, policy_dir, val_ids, min_margin):
         return split
 
     result = dg.materialize(
-        [given_adapter, given_split, evaluation_metrics, registered_model],
+        [given_adapter, given_split, evaluation_metrics, closed_loop_metrics, registered_model],
         resources={"window_store": WindowStoreResource(path=str(env["store"])), "compute": ComputeResource()},
         run_config={"ops": {"registered_model": {"config": {"model_name": NAME, "min_accuracy_margin": min_margin}}}},
     )

@@ -10,6 +10,7 @@ import numpy as np
 from vla_pipeline.data.episodes import inspect_episode, read_frames
 from vla_pipeline.data.schema import ACTION_SCALE, parse_scenario
 from vla_pipeline.sim.operator import write_sample_episodes
+from vla_pipeline.sim.scene import WORLD_ID
 
 
 def test_layouts_names_and_values(tmp_path):
@@ -79,7 +80,7 @@ def contents_digest(paths) -> str:
         digest.update(path.name.encode())
         with h5py.File(path) as h5:
             h5.visititems(add)
-            for key in sorted(h5.attrs):
+            for key in sorted(set(h5.attrs) - {"simulator"}):  # the one attr added since (checked below)
                 value = h5.attrs[key]
                 digest.update(key.encode())
                 digest.update(value.encode() if isinstance(value, str) else np.asarray(value).tobytes())
@@ -94,3 +95,6 @@ GOLDEN_SAMPLES_SHA256 = "6acf0a622cf804daeaa05efda2c17d9c6bcf9f80b3aa428badd8804
 def test_samples_match_the_golden_digest(tmp_path):
     paths = write_sample_episodes(tmp_path, 7, seed=3, height=90, width=160)
     assert contents_digest(paths) == GOLDEN_SAMPLES_SHA256
+    for path in paths:  # every sample names the world that rendered it, where a policy can be driven
+        with h5py.File(path) as h5:
+            assert h5.attrs["simulator"] == WORLD_ID

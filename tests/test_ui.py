@@ -35,7 +35,8 @@ if CHROMIUM is None:
     pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
-ASSETS = ["raw_episode", "episode_windows", "train_val_split", "lora_adapter", "evaluation_metrics", "registered_model"]
+ASSETS = ["raw_episode", "episode_windows", "train_val_split", "lora_adapter", "evaluation_metrics", "closed_loop_metrics",
+          "registered_model"]
 SERVE_TIMEOUT_S = 90  # `make ui` must answer with the code location loaded within this
 RUN_TIMEOUT_S = 180
 UI_TIMEOUT_MS = 30_000

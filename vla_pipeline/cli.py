@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .data.ingest import episode_files, is_up_to_date
+from .data.ingest import episode_files, grouped_reasons, is_up_to_date
 from .data.locks import exclusive
 from .data.pending import DEFAULT_MAX_PENDING_SECONDS, pending_reason
 from .data.schema import parse_scenario
@@ -88,10 +88,10 @@ def cmd_ingest(args) -> int:
     failed = [result.run_id for result in results if not result.success]
     stored = [store.has_episode(path.stem) for path in pending]
     rejected = [path.stem for path in pending if store.quarantine_record(path.stem)]
-    print(f"done: {sum(stored)} stored, {len(rejected)} rejected, {len(results)} run(s) "
-          f"recorded in {os.environ['DAGSTER_HOME']}")
-    for episode_id in rejected:
-        print(f"  rejected {episode_id}: {store.quarantine_record(episode_id)['reason']}")
+    reasons = grouped_reasons([store.quarantine_record(episode_id)["reason"] for episode_id in rejected])
+    print(f"done: {sum(stored)} stored, {len(rejected)} rejected{f' ({reasons})' if rejected else ''}, "
+          f"{len(results)} run(s) recorded in {os.environ['DAGSTER_HOME']}"
+          + ("; `vla-pipeline episodes` lists them" if rejected else ""))
     if failed:
         print(f"error: run(s) {', '.join(failed)} failed; open the Dagster UI for details", file=sys.stderr)
         return 1
@@ -238,6 +238,16 @@ def cmd_model(args) -> int:
     print("instruction flip (left ↔ right swapped, first step): " + (
         f"{flip} of {float(strafing):.0f} strafing predictions" if flip is not None and strafing is not None
         else flip or "not measured"))
+    world = tags.get("closed_loop")
+    if world and not world.startswith("skipped"):
+        baselines = " | ".join(f"{name} {float(tags[f'metric.closed_loop_{name}_success_rate']):.2f}"
+                               for name in ("scripted_guide", "blind_side_script", "always_forward")
+                               if f"metric.closed_loop_{name}_success_rate" in tags)
+        print(f"closed loop in {world} ({float(tags.get('metric.closed_loop_rollouts', 0)):.0f} rollouts): success "
+              f"{float(tags['metric.closed_loop_success_rate']):.2f}, SPL {float(tags['metric.closed_loop_spl']):.2f}, "
+              f"collisions {float(tags['metric.closed_loop_collision_rate']):.2f} | same scenes: {baselines}")
+    elif world:
+        print(f"closed loop: {world}")
     return 0
 
 
@@ -272,6 +282,60 @@ def cmd_export(args) -> int:
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"{args.model_uri} → {out} ({args.dtype}, {size / 2**20:.1f} MiB): on the robot, "
           f"`from vla_pipeline.policy.serving import load_bundle; policy = load_bundle('{out}')`")
+    return 0
+
+
+def cmd_rollout(args) -> int:
+    from .evaluation.closed_loop import WORLDS, closed_loop
+    from .sim.env import scenario_from_token
+
+    problem = None
+    if args.env not in WORLDS:
+        problem = f"--env {args.env!r}: no such simulated world (known: {', '.join(WORLDS)})"
+    elif args.episodes < 1 or args.envs < 1:
+        problem = "--episodes and --envs must be at least 1"
+    elif args.scenario is not None:
+        try:
+            scenario_from_token(args.scenario)
+        except ValueError as error:
+            problem = f"--scenario: {error}"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    from transformers.utils import logging as transformers_logging
+
+    from .evaluation.registry import ModelLookupError, load_policy
+
+    transformers_logging.disable_progress_bar()
+    try:
+        policy = load_policy(args.model_uri)
+    except ModelLookupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
+
+    def shown(driver: str, result) -> None:
+        if args.json:
+            print(json.dumps({"driver": driver, **result.to_dict()}), flush=True)
+        else:
+            print(f"  rollout {result.index + 1}/{args.episodes}  {result.scenario:<34} {result.outcome:<14} "
+                  f"{result.presses:>2} presses  {result.reason or ''}", flush=True)
+
+    report = closed_loop(policy, args.episodes, args.seed, args.envs,
+                         env_kwargs={"height": 180, "width": 320} if args.camera == "small" else None,
+                         video_dir=args.video, videos="all", baselines=not args.no_baselines, log=say,
+                         on_result=shown, scenario=args.scenario)
+    summary = report.summary
+    if args.json:
+        print(json.dumps({"summary": summary}))
+        return 0
+    drivers = [("policy", summary["policy"]), *summary["baselines"].items()]
+    print(f"{'driver':<20} {'success':>8} {'SPL':>6} {'collision':>10} {'wrong side':>11} {'timeout':>8}")
+    for name, rates in drivers:
+        print(f"{name:<20} {rates['success_rate']:>8.2f} {rates['spl']:>6.2f} {rates['collision_rate']:>10.2f} "
+              f"{rates['wrong_side_rate']:>11.2f} {rates['timeout_rate']:>8.2f}")
+    if args.video:
+        print(f"videos of every rollout in {args.video}")
     return 0
 
 
@@ -313,6 +377,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                         help="the weights' precision (default fp16, as on the Jetson); merging happens in fp32")
     export.set_defaults(run=cmd_export)
+
+    rollout = commands.add_parser("rollout", help="drive a policy in the simulated world, beside three model-free "
+                                  "drivers in the same scenes: success rate, SPL, collisions")
+    rollout.add_argument("model_uri", help="models:/<name>@<alias>, models:/<name>/<version>, a policy directory "
+                         "or a deploy bundle")
+    rollout.add_argument("--episodes", type=int, default=48, help="rollouts, spread over side × distance × boxes "
+                         "(default 48)")
+    rollout.add_argument("--seed", type=int, default=0, help="the plan's seed: the same seed, the same scenes (default 0)")
+    rollout.add_argument("--scenario", help="drive every rollout in this scenario, e.g. 1box_hori_left_core_far")
+    rollout.add_argument("--envs", type=int, default=2, help="environments stepped at once (default 2)")
+    rollout.add_argument("--env", default="vla_pipeline/BoxNav-v0", help="the simulated world (default vla_pipeline/BoxNav-v0)")
+    rollout.add_argument("--camera", choices=("720p", "small"), default="720p",
+                         help="720p: the collector's 1280×720 frames (default); small: 320×180, faster")
+    rollout.add_argument("--video", type=Path, help="folder to write an MP4 of every policy rollout into")
+    rollout.add_argument("--no-baselines", action="store_true", help="drive the policy only")
+    rollout.add_argument("--json", action="store_true", help="one JSON object per rollout, then a summary object")
+    rollout.set_defaults(run=cmd_rollout)
     return parser
 
 

@@ -13,6 +13,7 @@ from assets.automation import (
     automation_sensor, contiguous_ranges, ingest_job, new_episodes_sensor, retrain_job, retrain_schedule,
 )
 from assets.console import console_logger
+from assets.closed_loop import closed_loop_metrics
 from assets.evaluation import evaluation_metrics, registered_model
 from assets.episodes import episode_partitions, episode_windows, raw_episode, register_partitions
 from assets.training import lora_adapter, train_val_split
@@ -20,7 +21,8 @@ from resources import ComputeResource, EpisodeFolder, WindowStoreResource
 from resources.storage import env_or
 
 defs = dg.Definitions(
-    assets=[raw_episode, episode_windows, train_val_split, lora_adapter, evaluation_metrics, registered_model],
+    assets=[raw_episode, episode_windows, train_val_split, lora_adapter, evaluation_metrics, closed_loop_metrics,
+            registered_model],
     jobs=[ingest_job, retrain_job],
     sensors=[new_episodes_sensor, automation_sensor],
     schedules=[retrain_schedule],

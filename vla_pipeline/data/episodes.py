@@ -69,6 +69,7 @@ class EpisodeHeader:
     size_bytes: int
     content_hash: str
     warnings: list[str] = field(default_factory=list)
+    simulator: str | None = None  # the simulated world that rendered it (sample episodes), None for the robot's
 
     def summary(self) -> dict:
         """JSON-safe description used as store attrs and asset metadata."""
@@ -86,6 +87,7 @@ class EpisodeHeader:
             "size_bytes": self.size_bytes,
             "content_hash": self.content_hash,
             "warnings": list(self.warnings),
+            "simulator": self.simulator,
         }
 
 
@@ -218,7 +220,15 @@ def _read_header(path: Path, h5: h5py.File, rules: ValidationRules, digest: str)
         size_bytes=os.path.getsize(path),
         content_hash=digest,
         warnings=warnings,
+        simulator=_text_attr(h5, "simulator"),
     )
+
+
+def _text_attr(h5: h5py.File, name: str) -> str | None:
+    value = h5.attrs.get(name)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
 
 
 def _read_actions(path: Path, h5: h5py.File, num_frames: int, rules: ValidationRules) -> np.ndarray:

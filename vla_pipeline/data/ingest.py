@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -225,3 +226,23 @@ def _exit_when_gone(batch_pid: int, every_s: float = 0.5) -> None:
             os.kill(batch_pid, 0)
         except (ProcessLookupError, PermissionError):  # gone (its pid reused by another user's process)
             os._exit(1)
+
+
+def grouped_reasons(reasons: list[str]) -> str:
+    """Rejection reasons in one line: alike reasons (equal but for their numbers) counted once,
+    numbers that differ shown as their range, e.g. "6 × only 13–16 frames; a training window needs 18"."""
+    groups: dict[str, list[list[str]]] = {}
+    texts: dict[str, list[str]] = {}
+    for reason in reasons:
+        template = re.sub(r"\d+(?:\.\d+)?", "#", reason)
+        groups.setdefault(template, []).append(re.findall(r"\d+(?:\.\d+)?", reason))
+        texts.setdefault(template, re.split(r"\d+(?:\.\d+)?", reason))
+    parts = []
+    for template, numbers in sorted(groups.items(), key=lambda item: -len(item[1])):
+        shown = []
+        for column in zip(*numbers):
+            values = sorted(set(column), key=float)
+            shown.append(values[0] if len(values) == 1 else f"{values[0]}–{values[-1]}")
+        pieces = texts[template]
+        parts.append(f"{len(numbers)} × " + "".join(p + n for p, n in zip(pieces, shown + [""])))
+    return " | ".join(parts)

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 DEFAULT_MODEL_NAME = "mobile-vla"
 CHAMPION, CHALLENGER = "champion", "challenger"
 GATE_METRIC = "direction_accuracy_first"  # the command actually sent: first step of the chunk
+# Where the data comes from a simulated world, the policy must also reach the goal in that many of
+# its closed-loop rollouts there (measured: docs/evaluation.md, closed loop).
+DEFAULT_MIN_CLOSED_LOOP_SUCCESS = 0.5
 
 
 @dataclass(frozen=True)
@@ -30,11 +33,14 @@ def decide_promotion(
     champion_accuracy: float | None = None,
     champion_version: str | None = None,
     replay_accuracy: float | None = None,
+    closed_loop_success: float | None = None,
+    min_closed_loop_success: float = DEFAULT_MIN_CLOSED_LOOP_SUCCESS,
 ) -> PromotionDecision:
     """Champion only if the first-step direction accuracy beats the best constant baseline by
     more than `min_margin`, beats the scripted replay when `replay_accuracy` is given (the gate
-    asks for it only when so configured), and is at least the current champion's on the same
-    validation set."""
+    asks for it only when so configured), reaches the goal in at least `min_closed_loop_success`
+    of its closed-loop rollouts when `closed_loop_success` is given (data from a simulated world),
+    and is at least the current champion's on the same validation set."""
     margin = accuracy - baseline_accuracy
     against_baseline = (f"first-step direction accuracy {accuracy:.3f}, best constant baseline {best_baseline} "
                         f"{baseline_accuracy:.3f}: margin {margin:+.3f}, required more than {min_margin:+.3f}")
@@ -44,6 +50,11 @@ def decide_promotion(
         against_baseline += f"; scripted replay {replay_accuracy:.3f}"
         if not accuracy > replay_accuracy:
             return PromotionDecision(CHALLENGER, f"{against_baseline}: not beaten, as required")
+    if closed_loop_success is not None:
+        against_baseline += (f"; closed-loop success {closed_loop_success:.2f}, "
+                             f"required at least {min_closed_loop_success:.2f}")
+        if not closed_loop_success >= min_closed_loop_success:
+            return PromotionDecision(CHALLENGER, f"{against_baseline}: not met")
     if champion_accuracy is not None and accuracy < champion_accuracy:
         return PromotionDecision(CHALLENGER, (
             f"{against_baseline}: met; but below champion v{champion_version}'s {champion_accuracy:.3f} "

@@ -18,9 +18,9 @@ from ..data.schema import ACTION_SCALE, INSTRUCTION_TEMPLATE, Scenario, parse_sc
 from .geometry import Point, shortest_path, sweep
 from .operator import core_goal_x
 from .render import Renderer
-from .scene import PRESS_SECONDS, TARGETS, Scene, build_scene
+from .scene import PRESS_SECONDS, TARGETS, WORLD_ID, Scene, build_scene
 
-ENV_ID = "vla_pipeline/BoxNav-v0"
+ENV_ID = WORLD_ID
 # A core guide ends 0.9 m short of the target along x, and the target stands up to 0.1 m off the
 # centre line, so the guide's last pose is at most 0.906 m away; 1.0 m counts it as arrived while
 # the pose one press earlier (1.36 m away) does not.

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..data.schema import INSTRUCTION_TEMPLATE, KEY_ACTIONS, parse_scenario
 from .render import Renderer
-from .scene import APPROACH_PRESSES, PRESS_SECONDS, build_scene
+from .scene import APPROACH_PRESSES, PRESS_SECONDS, WORLD_ID, build_scene
 
 CORE_PRESSES = 17  # plus the episode_start frame: 18 frames
 ACTION_CHUNK_SIZE = 8
@@ -118,13 +118,15 @@ def write_episode(path: Path, *, scenario: str, keys: str, rng: np.random.Genera
                 "collection_datetime": when.isoformat(),
                 "collection_hour": when.hour,
                 "collection_minute": when.minute,
+                "simulator": WORLD_ID,
             })
         else:
             f.create_dataset("observations/images", data=np.ascontiguousarray(images[..., ::-1]), compression="gzip", chunks=True)
             f.create_dataset("actions", data=actions, compression="gzip", chunks=True)
             f.create_dataset("language_instruction", data=_fixed_bytes(instruction),
                              compression="gzip", chunks=True)
-            f.attrs.update({"scenario": scenario, "pattern": tokens.pattern, "distance": tokens.distance})
+            f.attrs.update({"scenario": scenario, "pattern": tokens.pattern, "distance": tokens.distance,
+                            "simulator": WORLD_ID})
     return path
 
 

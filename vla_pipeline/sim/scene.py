@@ -18,6 +18,9 @@ APPROACH_PRESSES = {"close": 2, "medium": 3, "far": 4}
 WALL_X = 11.0  # back wall, beyond any goal
 OBSTACLE_BGR = (40, 40, 200)  # red
 TARGETS = ("cup", "bottle", "basket")
+# The gymnasium id of the env that drives a robot in these scenes; sample episodes name it in
+# their `simulator` attribute, so the pipeline knows where a policy trained on them can drive.
+WORLD_ID = "vla_pipeline/BoxNav-v0"
 
 
 @dataclass

@@ -1,0 +1,132 @@
+"""The closed-loop asset: the trained policy drives the simulated robot, beside three drivers
+that need no model, in the same scenes (`vla_pipeline.evaluation.closed_loop`)."""
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from assets.ui import metadata_plot, metadata_table
+from resources import ComputeResource, WindowStoreResource
+from vla_pipeline.evaluation.report import Table
+from vla_pipeline.training.split import Split
+from vla_pipeline.training.tracking import experiment_id, run_link, training_run_id
+
+RATE_COLUMNS = ("success_rate", "spl", "collision_rate", "wrong_side_rate", "timeout_rate", "invalid_rate")
+
+
+class ClosedLoopConfig(dg.Config):
+    env: str = Field(default="auto", description=(
+        '"auto": the simulated world the stored episodes were rendered in (the sample episodes name it); '
+        'skipped for robot episodes. "vla_pipeline/BoxNav-v0" drives there whatever the data; "none" skips'))
+    episodes: int = Field(default=48, ge=1, le=2000, description="rollouts, spread evenly over side × distance × boxes")
+    seed: int = Field(default=0, description="the plan's seed: the same seed gives the same scenes")
+    envs: int = Field(default=2, ge=1, le=32, description="environments stepped at once (worker processes)")
+    camera: Literal["720p", "small"] = Field(default="720p", description=(
+        '"720p": frames at the collector\'s 1280×720; "small": 320×180, faster, for quick looks'))
+
+
+def _rates_table(summary: dict) -> Table:
+    rows = [("policy", summary["policy"])] + list(summary["baselines"].items())
+    return Table(["driver", *RATE_COLUMNS], [[name, *(f"{rates[key]:.3f}" for key in RATE_COLUMNS)]
+                                           for name, rates in rows])
+
+
+def _cells_table(summary: dict) -> Table:
+    cells = summary["policy"]["per_cell"]
+    names = list(summary["baselines"])
+    return Table(["cell", "rollouts", "policy success", "policy SPL", *(f"{n} success" for n in names)],
+                 [[cell, str(rates["rollouts"]), f"{rates['success_rate']:.2f}", f"{rates['spl']:.2f}",
+                   *(f"{summary['baselines'][n]['per_cell'].get(cell, {}).get('success_rate', float('nan')):.2f}"
+                     for n in names)] for cell, rates in cells.items()])
+
+
+def _world(config: ClosedLoopConfig, split: Split, window_store: WindowStoreResource) -> tuple[str | None, str]:
+    from vla_pipeline.evaluation.closed_loop import WORLDS, world_of_episodes
+
+    if config.env == "none":
+        return None, "closed loop off in config (env: none)"
+    if config.env != "auto":
+        if config.env not in WORLDS:
+            raise dg.Failure(f"closed_loop env {config.env!r}: unknown; expected auto, none or one of {', '.join(WORLDS)}")
+        return config.env, f"env {config.env} set in config"
+    store = window_store.open()
+    return world_of_episodes([store.episode_attrs(i) for i in split.train + split.val])
+
+
+@dg.asset(group_name="evaluation", kinds={"gymnasium", "mlflow"})
+def closed_loop_metrics(
+    context: dg.AssetExecutionContext,
+    config: ClosedLoopConfig,
+    lora_adapter: str,
+    train_val_split: dict,
+    window_store: WindowStoreResource,
+    compute: ComputeResource,
+) -> dg.Output:
+    """The policy driven in the simulated world the data comes from: success rate, SPL,
+    collision, wrong-side and timeout rates, overall and per scenario cell, beside the scripted
+    guide (the ceiling), a side-aware script blind to the image and always-forward (the floor).
+    Skipped, with the reason, where the episodes come from no simulated world (the robot's)."""
+    split = Split.from_dict(train_val_split)
+    world, why = _world(config, split, window_store)
+    if world is None:
+        context.log.info(f"closed loop skipped: {why}")
+        return dg.Output({"env": None, "skipped": why}, metadata={"skipped": why})
+
+    import mlflow
+
+    from vla_pipeline.evaluation.closed_loop import closed_loop
+    from vla_pipeline.policy.model import load_policy_dir
+    from vla_pipeline.policy.serving import StreamingPolicy
+    from vla_pipeline.sim.report import paths_figure
+
+    policy = StreamingPolicy(load_policy_dir(lora_adapter).to(compute.plan().device))
+    out_dir = Path(lora_adapter).parent / "closed_loop"
+    video_dir = Path(tempfile.mkdtemp(prefix="closed-loop-videos-", dir=out_dir.parent))
+    report = closed_loop(policy, config.episodes, config.seed, config.envs,
+                         env_kwargs={"height": 180, "width": 320} if config.camera == "small" else None,
+                         video_dir=video_dir, log=context.log.info)
+    summary, numbers = report.summary, report.headline()
+    out_dir.mkdir(exist_ok=True)
+    figure = out_dir / "paths.png"
+    figure.write_bytes(paths_figure(report.policy))
+    videos = {}
+    for kind, path in report.videos.items():
+        videos[kind] = out_dir / f"{kind}.mp4"
+        path.replace(videos[kind])
+    for leftover in video_dir.iterdir():
+        leftover.unlink()
+    video_dir.rmdir()
+    (out_dir / "closed_loop.json").write_text(json.dumps(
+        {"env": world, "episodes": report.episodes, "seed": report.seed, "summary": summary,
+         "rollouts": [result.to_dict() for result in report.policy]}, indent=1))
+
+    run_id, experiment = training_run_id(lora_adapter), experiment_id()
+    if run_id:
+        with mlflow.start_run(run_id=run_id, experiment_id=experiment):
+            mlflow.log_metrics(numbers)
+            mlflow.log_artifacts(str(out_dir), "closed_loop")
+    else:
+        context.log.warning(f"{lora_adapter}: no MLflow training run recorded beside it; metrics not logged")
+    return dg.Output(
+        {"env": world, "skipped": None, "episodes": report.episodes, "seed": report.seed,
+         "summary": summary, "headline": numbers},
+        metadata={
+            "env": world,
+            "why": why,
+            "rollouts": report.episodes,
+            "success_rate": numbers["closed_loop_success_rate"],
+            "spl": numbers["closed_loop_spl"],
+            "collision_rate": numbers["closed_loop_collision_rate"],
+            "wrong_side_rate": numbers["closed_loop_wrong_side_rate"],
+            "timeout_rate": numbers["closed_loop_timeout_rate"],
+            "policy_vs_baselines": metadata_table(_rates_table(summary)),
+            "per_cell": metadata_table(_cells_table(summary)),
+            "paths": metadata_plot(context, figure, "top-down paths, coloured by outcome"),
+            **{f"video_{kind}": dg.MetadataValue.path(str(path)) for kind, path in videos.items()},
+            **({"mlflow_run": dg.MetadataValue.url(run_link(run_id, experiment))} if run_id else {}),
+        },
+    )

@@ -1,0 +1,163 @@
+"""Closed-loop evaluation: a policy drives the simulated robot through the asset, the gate and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import dagster as dg
+import mlflow
+import numpy as np
+import pytest
+from test_serving import set_constant_output
+
+from assets.closed_loop import closed_loop_metrics
+from assets.evaluation import evaluation_metrics, registered_model
+from resources import ComputeResource, WindowStoreResource
+from vla_pipeline import cli
+from vla_pipeline.data.ingest import ingest_episodes
+from vla_pipeline.data.store import WindowStore
+from vla_pipeline.evaluation import registry
+from vla_pipeline.evaluation.closed_loop import PolicyDriver, world_of_episodes
+from vla_pipeline.policy.model import build_policy, save_policy
+from vla_pipeline.policy.policy_config import ACTION_STATS_FILE, PolicyConfig
+from vla_pipeline.policy.serving import StreamingPolicy
+from vla_pipeline.sim.env import ENV_ID
+from vla_pipeline.sim.operator import write_sample_episodes
+from vla_pipeline.training.tracking import RUN_ID_FILE, experiment_id
+
+NAME = "mobile-vla-closed-loop"
+SMALL_CAMERA = {"episodes": 12, "envs": 2, "camera": "small"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_backbone_path):
+    """Sample episodes (rendered in the sim world) in a store, and an always-forward policy."""
+    root = tmp_path_factory.mktemp("closed_loop")
+    paths = write_sample_episodes(root / "episodes", 8, seed=0, height=90, width=160)
+    store_path = root / "store.zarr"
+    ingest_episodes(paths, store_path)
+    ids = WindowStore(store_path).episode_ids()
+    policy = build_policy(PolicyConfig.tiny(backbone=str(tiny_backbone_path)))
+    set_constant_output(policy, 20.0, 0.0)  # W on every press: offline it is the always-forward baseline
+    directory = save_policy(policy, root / "forward" / "policy")
+    (directory / ACTION_STATS_FILE).write_text(json.dumps({"mean": [0.8, 0.0]}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        with mlflow.start_run(experiment_id=experiment_id()) as run:
+            (directory.parent / RUN_ID_FILE).write_text(run.info.run_id)
+        yield {"root": root, "store": store_path, "ids": ids, "policy_dir": str(directory), "run_id": run.info.run_id}
+
+
+def test_sample_episodes_name_their_world_and_robot_episodes_none():
+    assert world_of_episodes([{"simulator": ENV_ID}] * 3)[0] == ENV_ID
+    world, why = world_of_episodes([{"simulator": None}] * 3)
+    assert world is None and "robot episodes" in why
+    world, why = world_of_episodes([{"simulator": ENV_ID}, {}])
+    assert world is None and "1 of 2 episodes" in why
+
+
+def test_driver_feeds_the_start_frame_twice_like_the_recordings(tiny_backbone_path):
+    policy = build_policy(PolicyConfig.tiny(backbone=str(tiny_backbone_path))).eval()
+    driver = PolicyDriver(StreamingPolicy(policy))
+    frame = np.zeros((90, 160, 3), np.uint8)
+    driver.reset("Navigate around the obstacle on the left side and reach the cup", {})
+    action = driver.act(frame, "Navigate around the obstacle on the left side and reach the cup")
+    assert action.shape == (2,) and driver.stream.frames_in_window == 2
+    driver.act(frame, "Navigate around the obstacle on the left side and reach the cup")
+    assert driver.stream.frames_in_window == 3
+
+
+def _materialize(world, closed_loop_config):
+    split = {"train": world["ids"][:-2], "val": world["ids"][-2:], "val_fraction": 0.25}
+
+    @dg.asset(name="lora_adapter")
+    def given_adapter():
+        return world["policy_dir"]
+
+    @dg.asset(name="train_val_split")
+    def given_split():
+        return split
+
+    return dg.materialize(
+        [given_adapter, given_split, evaluation_metrics, closed_loop_metrics, registered_model],
+        resources={"window_store": WindowStoreResource(path=str(world["store"])), "compute": ComputeResource()},
+        run_config={"ops": {"registered_model": {"config": {"model_name": NAME, "min_accuracy_margin": -1.0}},
+                            "closed_loop_metrics": {"config": closed_loop_config}}},
+    )
+
+
+@pytest.mark.timeout(300)
+def test_a_policy_that_drives_into_the_box_stays_challenger(world, capsys):
+    result = _materialize(world, SMALL_CAMERA)
+    assert result.success
+    closed = result.output_for_node("closed_loop_metrics")
+    assert closed["env"] == ENV_ID and closed["episodes"] == 12
+    policy, baselines = closed["summary"]["policy"], closed["summary"]["baselines"]
+    assert policy["success_rate"] == 0.0 and policy["collision_rate"] == 1.0
+    assert baselines["scripted_guide"]["success_rate"] == 1.0 and baselines["always_forward"]["success_rate"] == 0.0
+    assert len(policy["per_cell"]) == 12
+    metadata = result.asset_materializations_for_node("closed_loop_metrics")[0].metadata
+    assert metadata["success_rate"].value == 0.0 and "![" in metadata["paths"].value
+    assert "video_failure" in metadata and "video_success" not in metadata
+
+    registered = result.output_for_node("registered_model")
+    assert registered["alias"] == "challenger"  # offline it passed (margin -1): closed loop held it back
+    reason = result.asset_materializations_for_node("registered_model")[0].metadata["reason"].value
+    assert "closed-loop success 0.00, required at least 0.50: not met" in reason
+    version = registry.client().get_model_version(NAME, registered["version"])
+    assert version.tags["closed_loop"] == ENV_ID and version.tags["metric.closed_loop_success_rate"] == "0.0000"
+    assert version.tags["metric.closed_loop_scripted_guide_success_rate"] == "1.0000"
+    assert cli.main(["model", "--model-uri", f"models:/{NAME}/{registered['version']}"]) == 0
+    assert (f"closed loop in {ENV_ID} (12 rollouts): success 0.00, SPL 0.00, collisions 1.00 | same scenes: "
+            "scripted_guide 1.00 | blind_side_script 0.33 | always_forward 0.00") in capsys.readouterr().out
+
+    run = mlflow.get_run(world["run_id"])
+    assert run.data.metrics["closed_loop_success_rate"] == 0.0
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(world["run_id"], "closed_loop")}
+    assert {"closed_loop/paths.png", "closed_loop/failure.mp4", "closed_loop/closed_loop.json"} <= artifacts
+
+
+def test_the_closed_loop_can_be_turned_off_and_never_blocks_robot_data(world):
+    result = _materialize(world, {"env": "none"})
+    assert result.success
+    assert result.output_for_node("closed_loop_metrics") == {"env": None, "skipped": "closed loop off in config (env: none)"}
+    assert result.output_for_node("registered_model")["alias"] == "champion"
+    version = registry.client().get_model_version(NAME, result.output_for_node("registered_model")["version"])
+    assert version.tags["closed_loop"].startswith("skipped: closed loop off")
+
+
+@pytest.mark.timeout(300)
+def test_rollout_command(world, capsys, tiny_backbone_path, tmp_path):
+    uri = world["policy_dir"]
+    assert cli.main(["rollout", uri, "--episodes", "2", "--camera", "small", "--json", "--envs", "1",
+                     "--video", str(tmp_path / "videos")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["driver"] for line in lines[:2]] == ["policy", "policy"] and lines[0]["outcome"] == "collision"
+    summary = lines[-1]["summary"]
+    assert set(summary["policy"]) >= {"success_rate", "spl", "collision_rate", "wrong_side_rate"}
+    assert set(summary["baselines"]) == {"scripted_guide", "blind_side_script", "always_forward"}
+    assert summary["baselines"]["scripted_guide"]["success_rate"] == 1.0
+    assert len(list((tmp_path / "videos").glob("rollout_*_collision.mp4"))) == 2
+
+    # A policy whose actions are NaN fails each rollout with the reason; the run goes on.
+    broken = build_policy(PolicyConfig.tiny(backbone=str(tiny_backbone_path)))
+    set_constant_output(broken, math.nan, 0.0)
+    directory = save_policy(broken, tmp_path / "nan" / "policy")
+    assert cli.main(["rollout", str(directory), "--episodes", "2", "--camera", "small", "--json",
+                     "--no-baselines"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["outcome"] for line in lines[:2]] == ["invalid_action"] * 2
+    assert "not finite" in lines[0]["reason"] and lines[-1]["summary"]["policy"]["invalid_rate"] == 1.0
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["models:/no-such-model@champion"], "no registered model 'no-such-model'"),
+    (["{policy}", "--scenario", "3box_hori_left_core_far"], "--scenario: options['scenario'] = '3box_hori_left_core_far'"),
+    (["{policy}", "--env", "CartPole-v1"], "--env 'CartPole-v1': no such simulated world"),
+])
+def test_rollout_says_what_is_wrong_in_one_line(world, capsys, arguments, message):
+    arguments = [a.format(policy=world["policy_dir"]) for a in arguments]
+    assert cli.main(["rollout", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err

@@ -1,0 +1,132 @@
+"""Closed-loop evaluation: the policy drives the simulated robot (`vla_pipeline.sim`), and so do
+three drivers that need no model, in the same scenes.
+
+Offline scores judge one recorded frame at a time; here the policy's own mistakes put the robot
+where no operator ever was. `closed_loop` runs an evaluation plan (the same seeds and scenarios
+for everyone), and returns every rollout with a summary: success rate, SPL, collision, wrong-side
+and timeout rates, overall and per side × distance × boxes cell.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..policy.serving import StreamingPolicy
+from ..sim.env import ENV_ID, scenario_from_token
+from ..sim.report import write_video
+from ..sim.rollout import RolloutResult, plan, run_baselines, run_rollouts, summarise
+
+DEFAULT_EPISODES = 48  # 4 rollouts in each of the 12 side × distance × boxes cells
+# Where the store's episodes name this world as theirs (the `simulator` attribute the sample
+# episodes carry), the policy can be driven in it; other episodes (the robot's) have no world.
+WORLDS = (ENV_ID,)
+
+
+class PolicyDriver:
+    """A StreamingPolicy as a sim controller (`reset(instruction, info)`, `act(image, instruction)`).
+
+    The recordings hold two frames at the start pose: the `episode_start` frame, which no key press
+    follows, and the first press's. The env shows the start pose once, so the driver feeds that
+    first frame twice, as the policy saw it in training, and sends the second answer's first step.
+    """
+
+    def __init__(self, policy: StreamingPolicy):
+        # Each driver keeps its own window; the network (and any captured graphs) is shared.
+        self.stream = StreamingPolicy(policy.policy, "BGR", compiled=policy.metadata.get("compiled", False))
+        self.started = False
+
+    def reset(self, instruction: str, info: dict) -> None:
+        self.stream.reset()
+        self.started = False
+
+    def act(self, image_bgr: np.ndarray, instruction: str) -> np.ndarray:
+        if not self.started:
+            self.stream.step(image_bgr, instruction)
+            self.started = True
+        return self.stream.step(image_bgr, instruction)[0]
+
+
+@dataclass
+class ClosedLoopReport:
+    env: str
+    episodes: int
+    seed: int
+    policy: list[RolloutResult]
+    baselines: dict[str, list[RolloutResult]]
+    videos: dict[str, Path] = field(default_factory=dict)  # "success" / "failure" → a policy rollout's video
+
+    @property
+    def summary(self) -> dict:
+        """{"policy": rates, "baselines": {name: rates}}, the rates of `sim.rollout.summarise`."""
+        return {"policy": summarise(self.policy),
+                "baselines": {name: summarise(results) for name, results in self.baselines.items()}}
+
+    def headline(self) -> dict[str, float]:
+        """Flat numbers for MLflow and registry tags."""
+        summary = self.summary
+        numbers = {f"closed_loop_{key}": float(value) for key, value in summary["policy"].items()
+                   if key != "per_cell"}
+        for name, rates in summary["baselines"].items():
+            numbers[f"closed_loop_{name}_success_rate"] = float(rates["success_rate"])
+        return numbers
+
+
+def closed_loop(policy: StreamingPolicy, episodes: int = DEFAULT_EPISODES, seed: int = 0, envs: int = 2,
+                env_kwargs: dict | None = None, video_dir: Path | None = None, videos: str = "one_each",
+                baselines: bool = True, log: Callable[[str], None] = print,
+                on_result: Callable[[str, RolloutResult], None] | None = None,
+                scenario: str | None = None) -> ClosedLoopReport:
+    """Drive `policy` over the plan of `episodes` rollouts from `seed`, then the baselines.
+
+    `scenario` (a token such as 1box_hori_left_core_far) drives every rollout in that scenario,
+    each with its own seed; a token that is not one raises ValueError.
+
+    `video_dir` with `videos="one_each"` keeps the first success and the first failure as MP4
+    videos; `videos="all"` writes every policy rollout's. Frames are dropped once written.
+    """
+    rollouts = plan(episodes, seed)
+    if scenario is not None:
+        scenario_from_token(scenario)
+        rollouts = [(rollout_seed, scenario) for rollout_seed, _ in rollouts]
+    written: dict[str, Path] = {}
+
+    def keep(result: RolloutResult) -> None:
+        kind = "success" if result.outcome == "success" else "failure"
+        if video_dir is not None and result.frames and (videos == "all" or kind not in written):
+            path = write_video(result.frames, Path(video_dir) / f"rollout_{result.index:03d}_{result.scenario}_"
+                                                                 f"{result.outcome}.mp4")
+            written.setdefault(kind, path)
+        result.frames = None
+        if on_result is not None:
+            on_result("policy", result)
+
+    log(f"closed loop: driving the policy in {ENV_ID} over {len(rollouts)} scenes ({envs} environments at once)")
+    results = run_rollouts(lambda: PolicyDriver(policy), rollouts, envs=envs, env_kwargs=env_kwargs,
+                           keep_frames=video_dir is not None, on_result=keep)
+    rates = summarise(results)
+    log(f"closed loop: policy success {rates['success_rate']:.2f}, SPL {rates['spl']:.2f}, "
+        f"collisions {rates['collision_rate']:.2f}, wrong side {rates['wrong_side_rate']:.2f}")
+    others = run_baselines(rollouts, envs=envs, env_kwargs=env_kwargs) if baselines else {}
+    if others:
+        log("closed loop, same scenes: " + ", ".join(f"{name} {summarise(found)['success_rate']:.2f}"
+                                                     for name, found in others.items()))
+    return ClosedLoopReport(ENV_ID, len(rollouts), seed, results, others, written)
+
+
+def world_of_episodes(attrs: list[dict]) -> tuple[str | None, str]:
+    """(the simulated world every episode was rendered in, or None; why) from stored episode attrs."""
+    worlds = {episode.get("simulator") for episode in attrs}
+    if not attrs:
+        return None, "no stored episodes"
+    if len(worlds) == 1 and next(iter(worlds)) in WORLDS:
+        return next(iter(worlds)), f"all {len(attrs)} episodes were rendered in {next(iter(worlds))}"
+    simulated = sum(episode.get("simulator") in WORLDS for episode in attrs)
+    if simulated == 0:
+        return None, (f"none of the {len(attrs)} episodes comes from a simulated world the pipeline has "
+                      "(robot episodes): there is no world to drive the policy in")
+    return None, (f"{simulated} of {len(attrs)} episodes come from {ENV_ID}, the rest from elsewhere: "
+                  "a closed-loop score in that world would not say how the policy drives where the rest was recorded")
