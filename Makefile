@@ -41,7 +41,7 @@ demo: install
 	@$(BIN)/vla-pipeline ingest $(VLA_EPISODES_DIR)
 	@$(BIN)/vla-pipeline episodes | tail -n 1
 	@# The CPU preset with its defaults: no config overrides, and the default promotion gate.
-	@VLA_MODEL=tiny $(MATERIALIZE) -c .dagster/console.yaml \
+	@VLA_MODEL=cpu $(MATERIALIZE) -c .dagster/console.yaml \
 	  --select 'train_val_split,lora_adapter,evaluation_metrics,closed_loop_metrics,registered_model'
 	@echo "--- a fresh process looks the champion up by alias and drives it over an episode file"
 	@$(BIN)/vla-pipeline model --model-uri models:/mobile-vla@champion

@@ -2,7 +2,6 @@
 sensor, and the retraining schedule."""
 
 import hashlib
-import os
 from collections.abc import Sequence
 
 import dagster as dg
@@ -13,7 +12,8 @@ from assets.closed_loop import closed_loop_metrics
 from assets.evaluation import evaluation_metrics, registered_model
 from assets.training import lora_adapter, train_val_split
 from resources import EpisodeFolder, WindowStoreResource
-from vla_pipeline.data.ingest import is_up_to_date
+from vla_pipeline.data.ingest import up_to_date_check
+from vla_pipeline.settings import settings
 from vla_pipeline.training.retraining import retrain_decision, stored_episodes
 from vla_pipeline.data.watch import FolderState, scan_folder
 
@@ -59,17 +59,17 @@ def new_episodes_sensor(context: dg.SensorEvaluationContext, episode_folder: Epi
     ingests new and replaced files once they stop changing, in one run per contiguous batch.
     Files still being written, and quiet files that do not read as complete HDF5 yet (a
     stalled copy), wait; deleted files are reported."""
-    store = window_store.open()
+    stored = up_to_date_check(window_store.open(), window_store.rules)
 
     def pending(path):  # a stored file is never pending: no need to open it
-        return None if is_up_to_date(store, path, window_store.rules) else episode_folder.pending_reason(path)
+        return None if stored(path) else episode_folder.pending_reason(path)
 
     try:
         scan = scan_folder(episode_folder.path, FolderState.from_json(context.cursor), episode_folder.settle_seconds,
                            pending=pending)
     except FileNotFoundError as error:
         return dg.SkipReason(str(error))
-    due = [path.stem for path in scan.due if not is_up_to_date(store, path, window_store.rules)]
+    due = [path.stem for path in scan.due if not stored(path)]
     # Added here rather than as a request to the daemon: a concurrent `vla-pipeline ingest` may
     # be adding the same keys, which register_partitions tolerates.
     new = register_partitions(context.instance, due)
@@ -105,8 +105,8 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     minimum_interval_seconds=30,
 )
 
-RETRAIN_CRON = os.environ.get("VLA_RETRAIN_CRON") or "0 2 * * *"  # nightly, 02:00 UTC
-RETRAIN_MIN_CHANGED = int(os.environ.get("VLA_RETRAIN_MIN_EPISODES") or 1)
+RETRAIN_CRON = settings().retrain_cron  # nightly, 02:00 UTC unless VLA_RETRAIN_CRON says otherwise
+RETRAIN_MIN_CHANGED = settings().retrain_min_episodes
 
 
 def last_trained_episodes(instance: dg.DagsterInstance) -> dict[str, str] | None:

@@ -13,7 +13,7 @@ from assets.ui import metadata_plot, metadata_table
 from resources import ComputeResource, WindowStoreResource
 from vla_pipeline.evaluation.report import Table
 from vla_pipeline.training.split import Split
-from vla_pipeline.training.tracking import experiment_id, run_link, training_run_id
+from vla_pipeline.tracking import experiment_id, run_link, training_run_id
 
 RATE_COLUMNS = ("success_rate", "spl", "collision_rate", "wrong_side_rate", "timeout_rate", "invalid_rate")
 

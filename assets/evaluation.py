@@ -3,7 +3,6 @@ episodes, and its registration in the MLflow model registry behind a promotion g
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -19,7 +18,8 @@ from vla_pipeline.evaluation.report import (
 )
 from vla_pipeline.policy.policy_config import ACTION_STATS_FILE
 from vla_pipeline.training.split import Split
-from vla_pipeline.training.tracking import data_snapshot, experiment_id, git_commit, run_link, training_run_id
+from vla_pipeline.settings import settings
+from vla_pipeline.tracking import data_snapshot, experiment_id, git_commit, run_link, training_run_id
 
 
 class EvaluationConfig(dg.Config):
@@ -116,7 +116,7 @@ def evaluation_metrics(
 
 
 class RegistryConfig(dg.Config):
-    model_name: str = Field(default_factory=lambda: os.environ.get("VLA_REGISTERED_MODEL") or gate.DEFAULT_MODEL_NAME)
+    model_name: str = Field(default_factory=lambda: settings().registered_model or gate.DEFAULT_MODEL_NAME)
     min_accuracy_margin: float = Field(
         default=0.05, description="first-step direction accuracy the model must gain over the best constant baseline")
     require_beating_replay: bool = Field(

@@ -1,28 +1,28 @@
-"""Training assets: the train/val split of the stored episodes, and the LoRA adapter.
+"""Training assets: the train/val split of the stored episodes, and the trained policy.
 
-torch, transformers, accelerate and MLflow are imported inside `lora_adapter`, not with the
-module: the code location loads in every Dagster process, most of which never train.
+torch, transformers, accelerate and MLflow are imported inside `lora_adapter` (through
+`vla_pipeline.training.run`), not with the module: the code location loads in every Dagster
+process, most of which never train.
 """
 
-import hashlib
-import json
-import math
 import os
-import shutil
-from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
+from dagster._core.errors import DagsterPipesExecutionError  # not exported in 1.13
 from pydantic import Field
 
 from assets.episodes import episode_windows
 from resources import ComputeResource, WindowStoreResource
+from resources.typed import dagster_config
 from vla_pipeline.policy.policy_config import DEFAULT_BACKBONE, PolicyConfig
 from vla_pipeline.data.schema import ACTION_DIMS
 from vla_pipeline.training.split import (Split, load_split, save_split, split_from_store, split_location,
                                          train_action_stats)
-from vla_pipeline.training.tracking import RUN_ID_FILE, data_snapshot, experiment_id, flat_params, run_link
+from vla_pipeline.settings import settings
+from vla_pipeline.tracking import run_link
+from vla_pipeline.training.launch import output_dir_of
+from vla_pipeline.training.train_config import TrainConfig
 
 
 class SplitConfig(dg.Config):
@@ -80,34 +80,72 @@ def train_val_split(context: dg.AssetExecutionContext, config: SplitConfig, wind
     )
 
 
-CPU_PRESET_NAMES = ("tiny", "small")  # VLA_MODEL values that train the CPU preset
+# VLA_MODEL values (and `model` values) that train the CPU preset; "tiny" and "small" are its
+# names from earlier releases, still taken.
+CPU_PRESET_NAMES = ("cpu", "tiny", "small")
+
+
+def _shown_defaults() -> tuple[PolicyConfig, TrainConfig]:
+    """The setup whose values the launchpad shows: the CPU preset's when VLA_MODEL names it."""
+    cpu = (settings().model or "") in CPU_PRESET_NAMES
+    return (PolicyConfig.cpu(), TrainConfig.cpu()) if cpu else (PolicyConfig(), TrainConfig())
+
+
+SHOWN_POLICY, SHOWN_TRAIN = _shown_defaults()
+PolicySettings = dagster_config(PolicyConfig, "PolicySettings", defaults=SHOWN_POLICY, exclude=("backbone",))
+TrainSettings = dagster_config(TrainConfig, "TrainSettings", defaults=SHOWN_TRAIN, exclude=("loader_workers",))
 
 
 class TrainingConfig(dg.Config):
-    """`model`: "tiny" (or "small": the CPU preset, built in-process, no download), a hub id or
-    a local directory. `policy` and `train` override fields of PolicyConfig and TrainConfig by
-    name, e.g. policy: {"lora_r": 64, "train_vision": false}, train: {"epochs": 5, "lr": 5e-5}.
-    The CPU preset starts from its own setup (PolicyConfig.small, TrainConfig.small): a small
-    backbone trained in full from scratch, not LoRA on a pretrained one."""
+    """`model`: "cpu" (the CPU preset: a small Kosmos-2 built in-process and trained in full, with
+    its own training setup), a hub id or a save_pretrained folder. `policy` and `train` are the
+    policy's and the training's settings, each with its type, bounds and default; the values you
+    change from the defaults shown are applied onto the setup of the `model` chosen (so `model:
+    cpu` in a launchpad that shows the full-size defaults trains the CPU preset with your changes)."""
 
-    model: str = Field(default_factory=lambda: os.environ.get("VLA_MODEL") or DEFAULT_BACKBONE)
-    policy: dict[str, Any] = {}
-    train: dict[str, Any] = {}
+    model: str = Field(default_factory=lambda: settings().model or DEFAULT_BACKBONE,
+                       description="cpu (the CPU preset), a Kosmos-2 hub id or a save_pretrained folder")
+    policy: PolicySettings = PolicySettings()
+    train: TrainSettings = TrainSettings()
 
-    def configs(self):
-        """(PolicyConfig, TrainConfig) from the model and the overrides."""
-        from vla_pipeline.training.train import TrainConfig
-
+    def configs(self) -> tuple[PolicyConfig, TrainConfig]:
+        """(PolicyConfig, TrainConfig): the model's setup with the changed values on it."""
+        cpu = self.model in CPU_PRESET_NAMES
+        policy, train = (PolicyConfig.cpu(), TrainConfig.cpu()) if cpu else (
+            PolicyConfig(backbone=self.model), TrainConfig())
+        changed_policy = {k: v for k, v in self.policy.model_dump().items() if v != getattr(SHOWN_POLICY, k)}
+        changed_train = {k: v for k, v in self.train.model_dump().items() if v != getattr(SHOWN_TRAIN, k)}
         try:
-            if self.model in CPU_PRESET_NAMES:
-                return PolicyConfig.small(**self.policy), TrainConfig.small(**self.train)
-            return PolicyConfig(backbone=self.model, **self.policy), TrainConfig(**self.train)
-        except (TypeError, ValueError) as error:
-            raise dg.Failure(f"training config: {error}") from error
+            return policy.replace(**changed_policy), train.replace(**changed_train)
+        except ValueError as error:
+            raise dg.Failure(str(error), allow_retries=False) from None
 
 
-def _models_dir() -> Path:
-    return Path(os.environ.get("VLA_MODELS") or "data/models")
+def _pipes_launch(context: dg.AssetExecutionContext):
+    """Several training processes through torchrun, launched and heard through Dagster Pipes:
+    the main process's log lines reach the run log, its TrainResult the asset."""
+
+    def launch(spec: Path, processes: int, log) -> "TrainResult":
+        from vla_pipeline.training.launch import failure_reasons, launch_command, result_from_report
+
+        for stale in output_dir_of(spec).glob("failed-rank*.txt"):
+            stale.unlink()
+        command = launch_command(spec, processes)
+        log(f"launching {processes} training processes through Dagster Pipes: {' '.join(command[1:])}")
+        # One CPU thread per process unless set: the processes share the machine's cores.
+        client = dg.PipesSubprocessClient(env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                                               "PYTHONUNBUFFERED": "1"})
+        try:
+            invocation = client.run(command=command, context=context)
+        except DagsterPipesExecutionError as error:
+            reasons = "; ".join(failure_reasons(spec)) or str(error)
+            raise dg.Failure(f"distributed training failed: {reasons}", allow_retries=False) from None
+        reports = invocation.get_custom_messages()
+        if not reports:
+            raise dg.Failure("the training processes ended without reporting a result", allow_retries=False)
+        return result_from_report(reports[-1])
+
+    return launch
 
 
 @dg.asset(group_name="training", kinds={"pytorch", "mlflow"})
@@ -121,44 +159,26 @@ def lora_adapter(
     """The trained policy: LoRA adapter on Kosmos-2, action token and LSTM head, with its
     config and action scale — everything serving needs besides the backbone weights.
 
-    Trains on the split's training windows on the compute resource, records the run in
-    MLflow, and resumes from the last checkpoint when the same training was interrupted.
+    Trains on the split's training windows on the compute resource (several processes through
+    torchrun and Dagster Pipes), records the run in MLflow, resumes from the last checkpoint when
+    the same training was interrupted, and trains nothing when it already finished.
     """
-    import mlflow
-
-    from vla_pipeline.training.train import describe_setup
+    from vla_pipeline.policy.hub import BackboneUnavailable
+    from vla_pipeline.training.run import run_training
 
     policy_config, train_config = config.configs()
-    train_config = replace(train_config, loader_workers=compute.loader_workers)
-    store = window_store.open()
-    split = Split.from_dict(train_val_split)
-    hashes = {i: store.episode_attrs(i)["content_hash"] for i in split.train + split.val}
-    snapshot = data_snapshot(split.train, split.val, hashes)
-    fingerprint = hashlib.sha256(
-        json.dumps([policy_config.to_dict(), asdict(train_config), snapshot], sort_keys=True).encode()
-    ).hexdigest()[:12]
-    output_dir = _models_dir() / f"lora-{fingerprint}"
-    what = "the CPU preset (a small Kosmos-2 built in-process)" if policy_config.preset in CPU_PRESET_NAMES \
-        else policy_config.backbone
-    context.log.info(f"training {what} into {output_dir}")
-    setup = describe_setup(policy_config, train_config)
-    context.log.info(f"setup: {setup}")
-
-    experiment = experiment_id()
-    run_file = output_dir / RUN_ID_FILE
-    run_id = run_file.read_text().strip() if run_file.is_file() else None
-    created = not output_dir.exists()
     try:
-        with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=f"lora-{fingerprint}") as run:
-            result = _train_in_run(context, run, run_id, output_dir, policy_config, train_config, split, snapshot,
-                                   setup, store, compute)
-    except BaseException:
-        if created and not any((output_dir / name).exists() for name in ("checkpoint", "policy")):
-            shutil.rmtree(output_dir, ignore_errors=True)  # nothing to resume from: leave no folder behind
-        raise
-    speed = _measured_speed(result)
+        training = run_training(policy_config, train_config, window_store.open(), Split.from_dict(train_val_split),
+                                settings().models, compute.settings(), log=context.log.info,
+                                launch=_pipes_launch(context))
+    except BackboneUnavailable as error:
+        raise dg.Failure(str(error), allow_retries=False) from None
+    except OSError as error:  # a folder that is not a save_pretrained checkpoint, a broken download
+        raise dg.Failure(f"could not load the backbone {policy_config.backbone!r}: {error}",
+                         allow_retries=False) from None
+    result = training.result
     return dg.Output(
-        str((output_dir / "policy").resolve()),
+        str(training.policy_dir.resolve()),
         metadata={
             "trainable_parameters": result.parameters["trainable"],
             "total_parameters": result.parameters["total"],
@@ -171,67 +191,12 @@ def lora_adapter(
             "wall_time_s": round(result.seconds, 1),
             "batch": f"{result.batch_size} × {result.grad_accum} accumulation"
                      + (f" × {compute.processes} processes" if compute.processes > 1 else ""),
-            **{key: round(value, 2) for key, value in speed.items()},
-            "policy_dir": dg.MetadataValue.path(str((output_dir / "policy").resolve())),
-            "mlflow_run": dg.MetadataValue.url(run_link(run.info.run_id, experiment)),
-            "mlflow_run_id": run.info.run_id,
+            **{key: round(value, 2) for key, value in training.measured_speed().items()},
+            "policy_dir": dg.MetadataValue.path(str(training.policy_dir.resolve())),
+            "mlflow_run": dg.MetadataValue.url(run_link(training.run_id, training.experiment_id)),
+            "mlflow_run_id": training.run_id,
             # What the retraining schedule compares the store with.
-            "episode_hashes": dg.MetadataValue.json(hashes),
-            **snapshot,
+            "episode_hashes": dg.MetadataValue.json(training.content_hashes),
+            **training.snapshot,
         },
     )
-
-
-def _train_in_run(context, run, run_id, output_dir: Path, policy_config, train_config, split, snapshot: dict,
-                  setup: str, store, compute):
-    """Train (or resume, or find finished) inside the open MLflow run; log what it produced."""
-    import mlflow
-
-    from vla_pipeline.policy.hub import BackboneUnavailable
-    from vla_pipeline.training.launch import run_distributed, write_spec
-    from vla_pipeline.training.train import train
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RUN_ID_FILE).write_text(run.info.run_id)
-    if run_id is None:
-        mlflow.log_params({**flat_params("policy", policy_config.to_dict()),
-                           **flat_params("train", asdict(train_config)), **snapshot})
-        mlflow.log_dict(split.to_dict(), "split.json")
-
-    def log_epoch(record: dict, _policy=None) -> None:
-        mlflow.log_metrics({"train_loss": record["train_loss"], "val_loss": record["val_loss"]}, step=record["epoch"])
-
-    try:
-        if compute.processes > 1:  # torchrun: one process per GPU, the main one writes
-            spec = write_spec(output_dir, policy_config.to_dict(), asdict(train_config), str(store.path),
-                              split.train, split.val, compute.device, compute.precision, compute.batch_size)
-            result = run_distributed(spec, compute.processes, log=context.log.info)
-            if not result.already_trained:
-                for record in result.history:
-                    log_epoch(record)
-        else:
-            result = train(policy_config, train_config, store.path, split.train, split.val, output_dir,
-                           compute=compute.plan(), log=context.log.info, on_epoch=log_epoch)
-    except BackboneUnavailable as error:
-        raise dg.Failure(str(error), allow_retries=False) from None
-    except RuntimeError as error:
-        if compute.processes > 1:  # the processes' own traceback is in the message
-            raise dg.Failure(str(error), allow_retries=False) from None
-        raise
-    except OSError as error:  # a folder that is not a save_pretrained checkpoint, a broken download
-        raise dg.Failure(f"could not load the backbone {policy_config.backbone!r}: {error}",
-                         allow_retries=False) from None
-    if result.already_trained:  # its run already holds everything below
-        return result
-    mlflow.log_metrics({"best_val_loss": result.best_val_loss, "trainable_parameters": result.parameters["trainable"],
-                        **_measured_speed(result)})
-    mlflow.log_artifacts(str(output_dir / "policy"), "policy")
-    mlflow.log_artifact(str(output_dir / "training.json"))
-    mlflow.set_tags({"device": result.device, "precision": result.precision, "setup": setup, **snapshot})
-    return result
-
-
-def _measured_speed(result) -> dict[str, float]:
-    """Steady-state throughput, and the GPU's peak memory when training ran on one."""
-    return {key: value for key, value in (("steady_windows_per_s", result.steady_windows_per_s),
-                                          ("peak_memory_gib", result.peak_memory_gib)) if math.isfinite(value)}

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from vla_pipeline.evaluation.metrics import DIRECTIONS, direction_classes
-from vla_pipeline.training.windows import mirror_instruction
+from vla_pipeline.data.schema import mirror_instruction
 
 CLI = str(Path(sys.executable).with_name("vla-pipeline"))
 

@@ -1,6 +1,6 @@
 """The GPU figures of the README, in one run of at most ~8 minutes on a GPU machine.
 
-    python benchmarks/gpu.py OUTDIR [--quick] [--no-probe]
+    python benchmarks/gpu.py OUTDIR [--quick] [--no-probe] [--serve-only]
 
 Full-size Kosmos-2 architecture (random bf16 weights: no hub needed), LoRA r32 all-linear,
 window 8, chunk 10, through the project's own code:
@@ -36,12 +36,16 @@ from vla_pipeline.policy.serving import StreamingPolicy, load_bundle
 from vla_pipeline.sim.operator import write_sample_episodes
 from vla_pipeline.training.compute import plan_compute
 from vla_pipeline.training.split import split_from_store
-from vla_pipeline.training.train import (HALF, TrainConfig, keep_trained_in_fp32, probe_largest_batch,
-                                         synthetic_batch, train)
+from vla_pipeline.training.autobatch import probe_largest_batch, synthetic_batch
+from vla_pipeline.training.compute import half_dtype
+from vla_pipeline.training.train import keep_trained_in_fp32, train
+from vla_pipeline.training.train_config import TrainConfig
 
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else Path("benchmarks/out/gpu")
 QUICK = "--quick" in sys.argv
 PROBE = "--no-probe" not in sys.argv  # --no-probe: skip the batch probe and the pure steps at the auto batch
+# --serve-only: no training; the serve section on an untrained policy (random weights time the same)
+SERVE_ONLY = "--serve-only" in sys.argv
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 WORK = Path("/tmp/vla-gpu-bench")
@@ -148,14 +152,14 @@ def train_section(out: dict) -> None:
     peak = RESULTS.get("env", {}).get("bf16_matmul_tflops")
     # Activation checkpointing with LoRA: the memory it saves at batch 2, and what it costs.
     checkpointed = keep_trained_in_fp32(build_policy(config.replace(gradient_checkpointing=True),
-                                                     dtype=HALF.get(compute.precision))).to(DEVICE)
+                                                     dtype=half_dtype(compute.precision))).to(DEVICE)
     out["checkpointed_modules"] = sum(bool(getattr(m, "gradient_checkpointing", False))
                                       for m in checkpointed.kosmos.modules())
     out["checkpointing_b2"] = pure_step(checkpointed, config, 2, peak, FlopCounterMode)
     del checkpointed
     if not PROBE:
         return
-    policy = keep_trained_in_fp32(build_policy(config, dtype=HALF.get(compute.precision))).to(DEVICE)
+    policy = keep_trained_in_fp32(build_policy(config, dtype=half_dtype(compute.precision))).to(DEVICE)
     # The `compute.batch_size: auto` probe itself (real steps until 85% of the card is used).
     auto = probe_largest_batch(policy, config, compute.precision) if CUDA else 2
     out["auto_batch"] = auto
@@ -230,8 +234,46 @@ def drive(policy: StreamingPolicy) -> list:
     return [policy.step(rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8), LEFT) for _ in range(10)]
 
 
+def step_breakdown(policy: StreamingPolicy, repeats: int) -> dict:
+    """Where a streaming step's time goes (ms, medians): the camera frame to normalised pixels on
+    the CPU, the backbone on the new frame (GPU, synchronised), the head over the window and the
+    copy of the actions back."""
+    from collections import deque
+
+    rng = np.random.default_rng(2)
+    frames = [rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8) for _ in range(4)]
+    inner, config = policy.policy, policy.config
+    features = deque(maxlen=config.window)
+    parts = {"preprocess_ms": [], "backbone_ms": [], "head_and_copy_ms": []}
+    with torch.no_grad():
+        for i in range(repeats + 8):
+            started = time.perf_counter()
+            pixels = policy.preprocess(frames[i % 4])
+            sync()
+            preprocessed = time.perf_counter()
+            features.append(policy._encode(pixels[None], [LEFT])[0])
+            sync()
+            encoded = time.perf_counter()
+            (inner.head(torch.stack(list(features))[None])[0, -1] * config.action_scale).float().cpu().numpy()
+            done = time.perf_counter()
+            if i >= 8:
+                parts["preprocess_ms"].append(preprocessed - started)
+                parts["backbone_ms"].append(encoded - preprocessed)
+                parts["head_and_copy_ms"].append(done - encoded)
+    return {key: round(1000 * float(np.median(values)), 2) for key, values in parts.items()}
+
+
+def untrained_policy_dir() -> Path:
+    """The full-size policy with random weights, saved as training would save it (no training)."""
+    from vla_pipeline.policy.model import save_policy
+
+    backbone = random_backbone()
+    policy = build_policy(full_config(backbone), dtype=torch.bfloat16)
+    return save_policy(policy, WORK / "train-b2" / "policy")
+
+
 def serve_section(out: dict) -> None:
-    policy_dir = WORK / "train-b2" / "policy"
+    policy_dir = untrained_policy_dir() if SERVE_ONLY else WORK / "train-b2" / "policy"
     bundle = export_bundle(policy_dir, WORK / "bundle", dtype="bf16")
     out.update({"bundle_mib": round(sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()) / 2**20, 1),
                 "policy_dir_mib": round(sum(f.stat().st_size for f in policy_dir.rglob("*") if f.is_file()) / 2**20, 1)})
@@ -243,6 +285,9 @@ def serve_section(out: dict) -> None:
         del registry
         deployed = load_bundle(bundle, device=DEVICE, compiled=compiled)
         out[f"bundle_{name}_hz"] = step_hz(deployed, repeats)
+        out[f"bundle_{name}_breakdown"] = step_breakdown(deployed, repeats)
+        print(json.dumps({k: v for k, v in out.items() if name in k}), flush=True)
+        (OUT / "gpu.json").write_text(json.dumps(RESULTS, indent=1, default=str))  # kept if a later step dies
         ACTIONS[name] = drive(deployed)
         out[f"bundle_{name}_metadata"] = {k: v for k, v in deployed.metadata.items() if k != "bundle"}
         del deployed
@@ -272,6 +317,9 @@ def table() -> None:
                                                                  f"{serve_.get('registry_compiled_hz')} Hz", ""),
         ("bundle step (merged), eager / compiled", f"{serve_.get('bundle_eager_hz')} / {serve_.get('bundle_compiled_hz')} Hz",
          f"≥ {TARGETS['bundle_hz']:.0f} Hz"),
+        ("bundle step (graphs): preprocess / backbone / head+copy ms",
+         " / ".join(str(serve_.get("bundle_compiled_breakdown", {}).get(k)) for k in
+                    ("preprocess_ms", "backbone_ms", "head_and_copy_ms")), ""),
         ("bundle step, captured vs eager actions: max |difference|", serve_.get("bundle_compiled_vs_eager_max_abs_diff"), ""),
         ("policy directory / bundle size", f"{serve_.get('policy_dir_mib')} / {serve_.get('bundle_mib')} MiB", ""),
     ]
@@ -286,7 +334,8 @@ def main() -> int:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     section("env", env)
-    section("train", train_section)
+    if not SERVE_ONLY:
+        section("train", train_section)
     section("serve", serve_section)
     table()
     return 0

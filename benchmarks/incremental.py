@@ -48,8 +48,7 @@ from vla_pipeline.training.split import SPLIT_FILE, load_split, save_split, spli
 from vla_pipeline.data.store import WindowStore
 from vla_pipeline.data.watch import FolderState, scan_folder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import OUT, RULES, accepted, competitors, sample_folder, snapshot, wait_for_quiet  # noqa: E402
+from ingest import OUT, RULES, accepted, competitors, sample_folder, snapshot, wait_for_quiet
 
 SIZES = (5, 50)
 PHASES = ("scan x2", "is_up_to_date", "ingest", "split")

@@ -45,9 +45,8 @@ from vla_pipeline.policy.model import build_policy
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.policy.serving import StreamingPolicy
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import OUT  # noqa: E402  (benchmarks/ingest.py)
-from train_throughput import INSTRUCTION, measured, random_full_policy  # noqa: E402
+from ingest import OUT  # benchmarks/ingest.py, beside this script
+from train_throughput import INSTRUCTION, measured, random_full_policy
 
 TOLERANCE = {"tiny": 1e-4}
 

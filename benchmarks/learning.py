@@ -5,7 +5,7 @@
 
 Writes N sample episodes (seed --seed) and 12 of another seed, ingests both with the store's
 default rules, splits the first set as `train_val_split` does (val_fraction 0.2) and trains
-`PolicyConfig.small()` with `TrainConfig.small()` — what `VLA_MODEL=tiny` materializes —
+`PolicyConfig.cpu()` with `TrainConfig.cpu()` — what `VLA_MODEL=cpu` materializes —
 through the real `train()`. After every epoch the policy is scored through the real
 `evaluate()` on the validation episodes and on the other seed's episodes: first-step direction
 accuracy (the learning curve), against the best constant baseline and the scripted replay of
@@ -33,7 +33,8 @@ from vla_pipeline.evaluation.replay import ScriptedReplay
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.sim.operator import write_sample_episodes
 from vla_pipeline.training.split import split_from_store
-from vla_pipeline.training.train import TrainConfig, train
+from vla_pipeline.training.train import train
+from vla_pipeline.training.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
@@ -79,8 +80,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="their seed (default 0)")
     parser.add_argument("--other", type=int, default=12, help="fresh episodes of another seed to score on (default 12)")
     parser.add_argument("--other-seed", type=int, default=1234, help="their seed (default 1234)")
-    parser.add_argument("--policy", nargs="*", default=[], help="PolicyConfig.small() overrides, key=value")
-    parser.add_argument("--train", nargs="*", default=[], help="TrainConfig.small() overrides, key=value")
+    parser.add_argument("--policy", nargs="*", default=[], help="PolicyConfig.cpu() overrides, key=value")
+    parser.add_argument("--train", nargs="*", default=[], help="TrainConfig.cpu() overrides, key=value")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -90,8 +91,8 @@ def main() -> int:
     train_store, train_pool = stored(args.episodes, args.seed, workdir)
     other_store, other_ids = stored(args.other, args.other_seed, workdir)
     split = split_from_store(WindowStore(train_store), None, 0.2)
-    policy_config = PolicyConfig.small(**overrides(args.policy))
-    train_config = TrainConfig.small(**overrides(args.train))
+    policy_config = PolicyConfig.cpu(**overrides(args.policy))
+    train_config = TrainConfig.cpu(**overrides(args.train))
     print(f"{len(split.train)} train / {len(split.val)} val episodes of seed {args.seed} "
           f"({args.episodes - len(train_pool)} rejected), {len(other_ids)} episodes of seed {args.other_seed}; "
           f"policy overrides {args.policy or 'none'}, train overrides {args.train or 'none'}", flush=True)

@@ -39,11 +39,11 @@ from vla_pipeline.policy.model import build_policy, trainable_parameters
 from vla_pipeline.policy.policy_config import DEFAULT_BACKBONE, PolicyConfig
 from vla_pipeline.policy.preprocess import encode_prompts
 from vla_pipeline.data.schema import INSTRUCTION_TEMPLATE
-from vla_pipeline.training.train import TrainConfig, train
+from vla_pipeline.training.train import train
+from vla_pipeline.training.train_config import TrainConfig
 from vla_pipeline.training.windows import HDF5WindowDataset, WindowDataset, make_loader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import OUT, competitors, sample_folder, snapshot, wait_for_quiet  # noqa: E402  (benchmarks/ingest.py)
+from ingest import OUT, competitors, sample_folder, snapshot, wait_for_quiet  # benchmarks/ingest.py, beside this script
 
 INSTRUCTION = INSTRUCTION_TEMPLATE.format(side="left", target="cup")
 

@@ -11,11 +11,14 @@ from vla_pipeline.data.episodes import ValidationRules
 from vla_pipeline.data.pending import DEFAULT_MAX_PENDING_SECONDS, pending_reason
 from vla_pipeline.data.schema import IMAGE_SIZE
 from vla_pipeline.data.store import WindowStore
+from vla_pipeline.settings import settings
 
 
-def env_or(name: str, default: str) -> str | dg.EnvVar:
-    """An EnvVar when the variable is set (shown as such in the UI), else the default."""
-    return dg.EnvVar(name) if os.environ.get(name) else default
+def from_settings(field: str) -> str | dg.EnvVar:
+    """A setting for a resource: its EnvVar when VLA_<FIELD> is set (shown as such in the UI),
+    else the setting's default."""
+    current = settings()
+    return dg.EnvVar(f"VLA_{field.upper()}") if field in current.model_fields_set else str(getattr(current, field))
 
 
 class EpisodeFolder(dg.ConfigurableResource):

@@ -56,7 +56,7 @@ def test_the_probe_runs_real_training_steps_and_treats_out_of_memory_as_no():
     from vla_pipeline.policy.model import build_policy
     from vla_pipeline.policy.policy_config import PolicyConfig
     from vla_pipeline.training.autobatch import memory_fits
-    from vla_pipeline.training.train import synthetic_batch
+    from vla_pipeline.training.autobatch import synthetic_batch
 
     config = PolicyConfig.tiny()
     policy = build_policy(config)
@@ -95,5 +95,6 @@ def test_batch_size_setting_is_checked():
 
     assert plan_compute("cpu", "auto", "auto").auto_batch
     assert not plan_compute("cpu", "auto", None).auto_batch
-    with pytest.raises(ValueError, match="batch_size must be 'auto'"):
+    assert not plan_compute("cpu", "auto", "config").auto_batch
+    with pytest.raises(ValueError, match="batch_size: Input should be 'config' or 'auto'"):
         plan_compute("cpu", "auto", "big")

@@ -5,6 +5,7 @@ deployment runs it."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from datetime import datetime, timezone
@@ -211,3 +212,20 @@ def test_retrain_decision_counts_new_changed_and_removed():
 def test_contiguous_ranges_make_one_run_per_batch():
     ordered = ["a", "b", "c", "d", "e"]
     assert contiguous_ranges(["b", "c", "e"], ordered) == [("b", "c"), ("e", "e")]
+
+
+def test_the_cursor_names_each_file_once_and_reads_earlier_cursors(tmp_path):
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"episode_20250614_10150{i}_1box_hori_left_core_far.h5").write_bytes(b"x" * (i + 1))
+    state = scan_folder(folder, scan_folder(folder, FolderState(), settle_seconds=0).state, settle_seconds=0).state
+    assert len(state.handed) == 3 and state.handed == state.seen  # all handed to ingest at their current stat
+    cursor = state.to_json()
+    for stem in state.seen:
+        assert cursor.count(stem) == 1, cursor
+    assert FolderState.from_json(cursor) == state
+    earlier = json.dumps({"seen": state.seen, "handed": state.handed})  # the format before: stats twice
+    assert FolderState.from_json(earlier) == state
+    changed = FolderState(seen=state.seen, handed={**state.handed, next(iter(state.seen)): [0, 0]})
+    assert FolderState.from_json(changed.to_json()) == changed

@@ -64,25 +64,26 @@ def test_half_precision_bundle_stays_close(trained_dir, frames, tmp_path):
     np.testing.assert_allclose(run(policy, frames), unmerged, atol=0.05)
 
 
-LOAD_WITHOUT_PEFT = """
+ROBOT_NEVER_IMPORTS = ("h5py", "zarr", "mlflow", "peft", "dagster", "isal", "xxhash")
+LOAD_ON_THE_ROBOT = """
 import sys, json
 import numpy as np
-sys.modules["peft"] = None  # importing peft now fails
+for name in %r:
+    sys.modules[name] = None  # importing any of them now fails
 from vla_pipeline.policy.serving import load_bundle
 policy = load_bundle(sys.argv[1])
-actions = policy.step(np.zeros((72, 128, 3), np.uint8), "go left")
-print(json.dumps({"shape": list(actions.shape),
-                  "loaded": sorted(m for m in ("peft", "mlflow", "dagster") if sys.modules.get(m) is not None)}))
-"""
+policy.reset()
+actions = np.stack([policy.step(np.full((72, 128, 3), i * 40, np.uint8), "go left") for i in range(3)])
+print(json.dumps({"shape": list(actions.shape), "finite": bool(np.isfinite(actions).all())}))
+""" % (ROBOT_NEVER_IMPORTS,)
 
 
-def test_bundle_loads_without_peft_mlflow_or_dagster(trained_dir, tmp_path):
+def test_bundle_loads_where_the_data_and_registry_libraries_cannot_be_imported(trained_dir, tmp_path):
     bundle = export_bundle(trained_dir, tmp_path / "bundle", dtype="fp32")
-    result = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PEFT, str(bundle)], capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"shape": [2, 2], "loaded": []}
+    result = subprocess.run([sys.executable, "-c", LOAD_ON_THE_ROBOT, str(bundle)], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"shape": [3, 2, 2], "finite": True}
 
 
 def test_export_command(trained_dir, tmp_path):

@@ -24,7 +24,7 @@ from vla_pipeline.policy.policy_config import ACTION_STATS_FILE, PolicyConfig
 from vla_pipeline.policy.serving import StreamingPolicy
 from vla_pipeline.sim.env import ENV_ID
 from vla_pipeline.sim.operator import write_sample_episodes
-from vla_pipeline.training.tracking import RUN_ID_FILE, experiment_id
+from vla_pipeline.tracking import RUN_ID_FILE, experiment_id
 
 NAME = "mobile-vla-closed-loop"
 SMALL_CAMERA = {"episodes": 12, "envs": 2, "camera": "small"}

@@ -38,18 +38,6 @@ DAGSTER_YAML = REPO / ".dagster" / "dagster.yaml"
 MIN_FRAMES = 18  # window 8 + chunk 10, the default ValidationRules
 PARTITIONS = "episodes"
 
-DOMAIN_MODULES = [
-    "vla_pipeline.data.episodes",
-    "vla_pipeline.data.store",
-    "vla_pipeline.data.ingest",
-    "vla_pipeline.cli",
-    "vla_pipeline.sim.operator",
-    "vla_pipeline.sim.rollout",
-    "vla_pipeline.sim.report",
-    "vla_pipeline.data.contracts",
-    "vla_pipeline.data.stats",
-    "vla_pipeline.data.schema",
-]
 
 
 # --- helpers -----------------------------------------------------------------------
@@ -256,17 +244,6 @@ def test_definitions_validate_from_repo_root(tmp_path):
     result = run([DAGSTER, "definitions", "validate"], env, REPO)
     assert result.returncode == 0, describe(result)
     assert "mobile_vla" in result.stdout + result.stderr, describe(result)
-
-
-def test_domain_library_does_not_import_dagster(tmp_path):
-    code = (
-        "import sys\n"
-        + "".join(f"import {module}\n" for module in DOMAIN_MODULES)
-        + "print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0].startswith('dagster'))))\n"
-    )
-    result = run([sys.executable, "-c", code], cli_env(tmp_path), tmp_path)
-    assert result.returncode == 0, describe(result)
-    assert result.stdout.split() == [], f"the domain library imported Dagster:\n{result.stdout}"
 
 
 # --- acceptance: a real-size folder through `vla-pipeline ingest` -------------------------

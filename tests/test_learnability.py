@@ -29,7 +29,8 @@ from vla_pipeline.data.schema import ACTION_SCALE
 from vla_pipeline.evaluation.evaluate import evaluate
 from vla_pipeline.policy.model import load_policy_dir
 from vla_pipeline.policy.policy_config import ACTION_STATS_FILE, PolicyConfig
-from vla_pipeline.training.train import TrainConfig, train
+from vla_pipeline.training.train import train
+from vla_pipeline.training.train_config import TrainConfig
 
 FRAMES, HEIGHT, WIDTH = 18, 96, 128
 BANDS = {"forward": 0, "strafe": 1, "back": 2, "stop": 3}  # band index from the top, of 4
@@ -66,11 +67,11 @@ LEARNABILITY_EPOCHS = 6  # of the preset's 20: the cues are plain
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     root = tmp_path_factory.mktemp("learnability")
-    policy_config = PolicyConfig.small()
+    policy_config = PolicyConfig.cpu()
     rules = ValidationRules(window=policy_config.window, chunk=policy_config.chunk)
     train_store, train_ids = cue_store(root / "train", TRAIN_EPISODES, 0, rules)
     held_store, held_ids = cue_store(root / "held", HELD_OUT_EPISODES, 1000, rules)
-    train_config = replace(TrainConfig.small(), epochs=LEARNABILITY_EPOCHS)
+    train_config = TrainConfig.cpu(epochs=LEARNABILITY_EPOCHS)
     result = train(policy_config, train_config, train_store, train_ids, [], root / "run", log=lambda line: None)
     policy = load_policy_dir(result.output_dir / "policy")
     mean = json.loads((result.output_dir / "policy" / ACTION_STATS_FILE).read_text())["mean"]

@@ -21,6 +21,7 @@ from vla_pipeline.policy.model import (
     trainable_parameters,
 )
 from vla_pipeline.policy.policy_config import PolicyConfig
+from vla_pipeline.training.train_config import TrainConfig
 from vla_pipeline.policy.preprocess import encode_prompts, normalise_images, prompt_for
 from vla_pipeline.data.schema import ACTION_SCALE, INSTRUCTION_TEMPLATE
 
@@ -325,8 +326,12 @@ def test_config_round_trips_and_rejects_unknown_keys():
     assert PolicyConfig().action_scale == ACTION_SCALE
     with pytest.raises(ValueError, match="unknown"):
         PolicyConfig.from_dict({**config.to_dict(), "lora_rank": 8})
-    with pytest.raises(ValueError, match="lora_targets"):
+    with pytest.raises(ValueError, match="lora_targets: Input should be 'text', 'text\\+vision' or 'all-linear'"):
         PolicyConfig(lora_targets="vision")
+    with pytest.raises(ValueError, match=r"^policy config: lora_r: Input should be greater than or equal to 1$"):
+        PolicyConfig(lora_r=0)
+    with pytest.raises(ValueError, match=r"^training config: epochs: .*; keep: Input should be 'best' or 'last'$"):
+        TrainConfig(epochs=0, keep="first")
 
 
 def test_tiny_preset_without_a_directory_uses_the_cached_build(tmp_path, monkeypatch, tiny_backbone_path):

@@ -31,7 +31,7 @@ def test_code_location_loads_without_torch_or_mlflow():
 
 
 def test_a_missing_folder_fails_at_once_with_the_fix():
-    with pytest.raises(hub.BackboneUnavailable, match=r"'/no/such/kosmos': no such folder\. Set VLA_MODEL=tiny"):
+    with pytest.raises(hub.BackboneUnavailable, match=r"'/no/such/kosmos': no such folder\. Set VLA_MODEL=cpu"):
         hub.resolve_backbone("/no/such/kosmos")
 
 
@@ -49,7 +49,7 @@ def test_an_unreachable_hub_fails_at_once_instead_of_retrying(monkeypatch):
     message = str(raised.value)
     assert "\n" not in message, "one paragraph"
     assert "neither a local folder nor in the Hugging Face cache" in message and "Network is unreachable" in message
-    assert "VLA_MODEL=tiny" in message and "hf download microsoft/kosmos-2-patch14-224" in message
+    assert "VLA_MODEL=cpu" in message and "hf download microsoft/kosmos-2-patch14-224" in message
 
 
 def test_offline_mode_is_honoured(monkeypatch):

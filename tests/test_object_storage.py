@@ -15,7 +15,8 @@ from vla_pipeline.data.store import RemoteWindowStore, StoreError, WindowStore
 from vla_pipeline.policy.model import load_policy_dir
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.training.split import load_split, save_split, split_from_store
-from vla_pipeline.training.train import TrainConfig, train
+from vla_pipeline.training.train import train
+from vla_pipeline.training.train_config import TrainConfig
 from vla_pipeline.training.windows import WindowDataset
 
 
@@ -78,7 +79,7 @@ def test_training_reads_a_url_store(copied_store, tmp_path):
 def test_mlflow_artifacts_go_to_the_artifact_root_url(tmp_path, monkeypatch):
     import mlflow
 
-    from vla_pipeline.training.tracking import experiment_id, mlflow_client
+    from vla_pipeline.tracking import experiment_id, mlflow_client
 
     bucket = tmp_path / "artifact-bucket"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -96,7 +97,7 @@ def test_mlflow_artifacts_go_to_the_artifact_root_url(tmp_path, monkeypatch):
 
 
 def test_run_links_point_at_the_tracking_server(tmp_path, monkeypatch):
-    from vla_pipeline.training.tracking import run_link
+    from vla_pipeline.tracking import run_link
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://vla-server:5000/")
     assert run_link("abc", "7") == "http://vla-server:5000/#/experiments/7/runs/abc"

@@ -8,16 +8,17 @@ from test_model import make_batch, make_policy
 
 from vla_pipeline.policy.model import build_policy
 from vla_pipeline.policy.policy_config import PolicyConfig
-from vla_pipeline.training.train import HALF, keep_trained_in_fp32
+from vla_pipeline.training.compute import half_dtype
+from vla_pipeline.training.train import keep_trained_in_fp32
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_frozen_weights_follow_the_precision_and_trained_ones_stay_fp32(tiny_backbone_path, precision):
     config = PolicyConfig.tiny(backbone=str(tiny_backbone_path), train_decoder_layers=1)
-    policy = keep_trained_in_fp32(build_policy(config, dtype=HALF[precision]))
+    policy = keep_trained_in_fp32(build_policy(config, dtype=half_dtype(precision)))
     frozen = {p.dtype for p in policy.parameters() if not p.requires_grad}
     trained = {name: p.dtype for name, p in policy.named_parameters() if p.requires_grad}
-    assert frozen == {HALF[precision]}
+    assert frozen == {half_dtype(precision)}
     assert set(trained.values()) == {torch.float32}
     assert any("lora_" in name for name in trained) and any(".layers.1." in name and "lora_" not in name
                                                             for name in trained)  # a fully trained layer too

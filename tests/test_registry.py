@@ -23,7 +23,7 @@ from vla_pipeline.evaluation.gate import decide_promotion
 from vla_pipeline.data.ingest import ingest_episodes
 from vla_pipeline.policy.model import build_policy, save_policy
 from vla_pipeline.policy.policy_config import PolicyConfig
-from vla_pipeline.training.tracking import RUN_ID_FILE, experiment_id
+from vla_pipeline.tracking import RUN_ID_FILE, experiment_id
 from vla_pipeline.training.train import ACTION_STATS_FILE
 
 NAME = "mobile-vla-test"

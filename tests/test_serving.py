@@ -7,14 +7,14 @@ import pytest
 import torch
 from conftest import scripted_actions, write_episode_file
 
-from vla_pipeline.data.episodes import model_frame
+from vla_pipeline.data.frames import model_frame
 from vla_pipeline.evaluation.evaluate import evaluate, predict_frames
 from vla_pipeline.data.ingest import ingest_episodes
 from vla_pipeline.policy.model import build_policy
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.data.schema import ACTION_SCALE, INSTRUCTION_TEMPLATE
 from vla_pipeline.policy.serving import StreamingPolicy
-from vla_pipeline.training.windows import mirror_instruction
+from vla_pipeline.data.schema import mirror_instruction
 
 LEFT = INSTRUCTION_TEMPLATE.format(side="left", target="cup")
 

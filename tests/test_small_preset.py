@@ -46,7 +46,7 @@ def test_small_backbone_is_deterministic_and_sees_112_pixel_frames():
 
 def test_image_reaches_the_action_token_at_init(small_dir):
     """With Kosmos-2's own init the action token's feature hardly depends on the frame."""
-    policy = build_policy(PolicyConfig.small(backbone=str(small_dir))).eval()
+    policy = build_policy(PolicyConfig.cpu(backbone=str(small_dir))).eval()
     frames = torch.randint(0, 256, (6, 1, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         features = policy.encode_frames(frames, [LEFT] * 6)[:, 0]
@@ -54,13 +54,13 @@ def test_image_reaches_the_action_token_at_init(small_dir):
 
 
 def test_small_preset_trains_everything(small_dir):
-    policy = build_policy(PolicyConfig.small(backbone=str(small_dir)))
+    policy = build_policy(PolicyConfig.cpu(backbone=str(small_dir)))
     assert all(p.requires_grad for p in policy.parameters())
 
 
 @pytest.mark.parametrize("chunk", [1, 2])
 def test_classification_head_loss_and_actions(small_dir, chunk):
-    policy = build_policy(PolicyConfig.small(backbone=str(small_dir), chunk=chunk))
+    policy = build_policy(PolicyConfig.cpu(backbone=str(small_dir), chunk=chunk))
     batch = make_batch(chunk)
     loss, info = policy(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -73,7 +73,7 @@ def test_classification_head_loss_and_actions(small_dir, chunk):
 
 
 def test_classification_loss_ignores_masked_steps(small_dir):
-    policy = build_policy(PolicyConfig.small(backbone=str(small_dir), chunk=2))
+    policy = build_policy(PolicyConfig.cpu(backbone=str(small_dir), chunk=2))
     batch = make_batch(2)
     batch["action_mask"][:, :, 1] = False
     loss, _ = policy(batch)
@@ -83,7 +83,7 @@ def test_classification_loss_ignores_masked_steps(small_dir):
 
 def test_classification_loss_falls_when_overfitting(small_dir):
     torch.manual_seed(0)
-    policy = build_policy(PolicyConfig.small(backbone=str(small_dir)))
+    policy = build_policy(PolicyConfig.cpu(backbone=str(small_dir)))
     batch = make_batch(1)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=2e-3)
     first = None
@@ -99,7 +99,7 @@ def test_classification_loss_falls_when_overfitting(small_dir):
 
 
 def test_small_policy_round_trips(small_dir, tmp_path):
-    policy = build_policy(PolicyConfig.small(backbone=str(small_dir))).eval()
+    policy = build_policy(PolicyConfig.cpu(backbone=str(small_dir))).eval()
     with torch.no_grad():
         for param in policy.parameters():  # as if trained
             param.add_(torch.randn_like(param) * 0.01)
@@ -115,13 +115,13 @@ def test_small_policy_round_trips(small_dir, tmp_path):
 
 def test_small_preset_without_a_directory_uses_the_cached_build(tmp_path, monkeypatch):
     monkeypatch.setenv("VLA_SMALL_BACKBONE", str(tmp_path / "cache"))
-    policy = build_policy(PolicyConfig.small())
+    policy = build_policy(PolicyConfig.cpu())
     assert (tmp_path / "cache" / "config.json").is_file()
     assert policy.kosmos.config.vision_config.hidden_size == 64
 
 
 def test_side_probe_loss_joins_only_with_known_sides(small_dir):
-    policy = build_policy(PolicyConfig.small(backbone=str(small_dir)))
+    policy = build_policy(PolicyConfig.cpu(backbone=str(small_dir)))
     assert policy.head.side_probe is not None
     batch = make_batch(1)
     without, info = policy(batch)
@@ -132,4 +132,4 @@ def test_side_probe_loss_joins_only_with_known_sides(small_dir):
     assert "side_loss" not in info and unknown.item() == pytest.approx(without.item())
     with_sides.backward()
     assert policy.head.side_probe.weight.grad.abs().sum() > 0
-    assert build_policy(PolicyConfig.small(backbone=str(small_dir), side_loss_weight=0.0)).head.side_probe is None
+    assert build_policy(PolicyConfig.cpu(backbone=str(small_dir), side_loss_weight=0.0)).head.side_probe is None

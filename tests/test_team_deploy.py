@@ -165,7 +165,7 @@ def test_registry_round_trip_through_an_mlflow_server_on_postgres(tracking_serve
     from vla_pipeline.evaluation import registry
     from vla_pipeline.policy.model import build_policy, save_policy
     from vla_pipeline.policy.policy_config import PolicyConfig
-    from vla_pipeline.training.tracking import experiment_id
+    from vla_pipeline.tracking import experiment_id
 
     policy_dir = save_policy(build_policy(PolicyConfig.tiny(backbone=str(tiny_backbone_path))), tmp_path / "policy")
     with mlflow.start_run(experiment_id=experiment_id()):

@@ -1,4 +1,5 @@
-"""The training loop: it learns, it checkpoints only what trains, and it resumes after a kill."""
+"""The training loop: it learns, it checkpoints only what trains, and it resumes after a kill, in one
+process or two (torchrun, gloo on the CPU)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 from vla_pipeline.policy.model import load_policy_dir
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.training.checkpoint import STATE_JSON
-from vla_pipeline.training.train import CHECKPOINT, TrainConfig, train
+from vla_pipeline.training.launch import launch_command, write_spec
+from vla_pipeline.training.train import CHECKPOINT, train
+from vla_pipeline.training.train_config import TrainConfig
 
 TRAIN_SCRIPT = """
 import json, sys
@@ -30,7 +33,8 @@ if args.get("no_pickle"):  # a resume must not unpickle anything from disk
             refuse()
     pickle.Unpickler = NoUnpickler
 from vla_pipeline.policy.policy_config import PolicyConfig
-from vla_pipeline.training.train import TrainConfig, train
+from vla_pipeline.training.train import train
+from vla_pipeline.training.train_config import TrainConfig
 result = train(PolicyConfig.tiny(), TrainConfig(**args["train"]), args["store"], args["train_ids"],
                args["val_ids"], args["out"], log=lambda line: print(line, flush=True))
 print("RESULT", json.dumps({"steps": result.steps, "resumed_from": result.resumed_from_step}), flush=True)
@@ -62,23 +66,34 @@ def test_no_training_windows_is_a_clear_error(small_store, tmp_path):
         train(PolicyConfig.tiny(), TrainConfig(epochs=1), store, [], val_ids, tmp_path, log=lambda line: None)
 
 
-def _launch(small_store, out: Path, config: dict, no_pickle: bool = False) -> subprocess.Popen:
+def _start(small_store, out: Path, config: dict, processes: int, no_pickle: bool = False) -> subprocess.Popen:
+    """The training in its own process group: this interpreter (one process) or torchrun (two)."""
     store, train_ids, val_ids = small_store
-    payload = json.dumps({"store": str(store), "train_ids": train_ids, "val_ids": val_ids, "out": str(out),
-                          "train": config, "no_pickle": no_pickle})
-    return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, payload], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if processes == 1:
+        payload = json.dumps({"store": str(store), "train_ids": train_ids, "val_ids": val_ids, "out": str(out),
+                              "train": config, "no_pickle": no_pickle})
+        command = [sys.executable, "-c", TRAIN_SCRIPT, payload]
+    else:
+        spec = write_spec(out, PolicyConfig.tiny().to_dict(), TrainConfig(**config).model_dump(), str(store),
+                          train_ids, val_ids, device="cpu")
+        command = launch_command(spec, processes)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}, start_new_session=True)
 
 
-def test_resumes_after_kill(small_store, tmp_path):
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("processes", [1, 2])
+def test_resumes_after_kill(small_store, tmp_path, processes):
+    """Killed (every process at once) after its first checkpoint, the training started again
+    resumes there — without unpickling anything — and ends at the same step count."""
     config = {"epochs": 2, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 2, "log_every": 1}
     out = tmp_path / "run"
-    first = _launch(small_store, out, config)
+    first = _start(small_store, out, config, processes)
     state_file = out / CHECKPOINT / STATE_JSON
     deadline = time.monotonic() + 240
     while not state_file.is_file() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    first.send_signal(signal.SIGKILL)  # a crash, not a clean stop
+    os.killpg(first.pid, signal.SIGKILL)  # a crash, not a clean stop: torchrun and its workers too
     first.wait()
     assert state_file.is_file(), first.stdout.read()
     killed_at = json.loads(state_file.read_text())["progress"]["step"]
@@ -86,15 +101,16 @@ def test_resumes_after_kill(small_store, tmp_path):
         load_policy_dir(out / "policy")
     load_policy_dir(out / CHECKPOINT / "policy")
 
-    second = _launch(small_store, out, config, no_pickle=True)
+    second = _start(small_store, out, config, processes, no_pickle=True)
     output, _ = second.communicate(timeout=300)
     assert second.returncode == 0, output
-    result = json.loads(output.split("RESULT ", 1)[1])
-    total = 2 * 3 * 16  # 2 epochs × 3 episodes × (20 - 3 - 2 + 1) tiny windows, batch 1
+    lines = [line.removeprefix("[rank0] ") for line in output.splitlines()]
+    record = json.loads((out / "training.json").read_text())
+    total = 2 * 3 * 16 // processes  # 2 epochs × 3 episodes × (20 - 3 - 2 + 1) tiny windows, batch 1, sharded
     assert 0 < killed_at < total
-    assert f"resumed from step {result['resumed_from']}" in output
-    assert result["resumed_from"] >= killed_at and result["steps"] == total
-    assert not any(line.startswith(f"step {killed_at - 1}/") for line in output.splitlines())
+    resumed = next(int(line.split()[3]) for line in lines if line.startswith("resumed from step "))
+    assert resumed >= killed_at and record["steps"] == total and record["processes"] == processes
+    assert not any(line.startswith(f"step {killed_at - 1}/") for line in lines)
     assert not list(out.glob(".*.tmp")), "a killed write's leftovers outlived the next run"
 
 

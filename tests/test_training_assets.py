@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -71,7 +72,7 @@ def test_lora_adapter_trains_the_cpu_preset_and_records_mlflow(episode_dir, tmp_
     from resources import ComputeResource
 
     store_path = _training_setup(episode_dir, tmp_path, monkeypatch)
-    config = {"model": "tiny", "train": {"epochs": 1, "batch_size": 2, "grad_accum": 1, "log_every": 5}}
+    config = {"model": "cpu", "train": {"epochs": 1, "batch_size": 2, "grad_accum": 1, "log_every": 5}}
     result = dg.materialize(
         [train_val_split, lora_adapter],
         resources={"window_store": WindowStoreResource(path=str(store_path)), "compute": ComputeResource()},
@@ -81,7 +82,7 @@ def test_lora_adapter_trains_the_cpu_preset_and_records_mlflow(episode_dir, tmp_
     policy_dir = result.output_for_node("lora_adapter")
     assert (tmp_path / "models") in Path(policy_dir).parents
     metadata = result.asset_materializations_for_node("lora_adapter")[0].metadata
-    # VLA_MODEL=tiny is the CPU preset: a small backbone trained in full, not LoRA
+    # VLA_MODEL=cpu is the CPU preset: a small backbone trained in full, not LoRA
     assert metadata["trainable_parameters"].value == metadata["total_parameters"].value
     assert metadata["device"].value == "cpu (fp32)"
     run = mlflow.get_run(metadata["mlflow_run_id"].value)
@@ -126,7 +127,10 @@ def test_a_training_that_cannot_start_leaves_no_output_folder(episode_dir, tmp_p
     assert not any((tmp_path / "models").glob("lora-*")), list((tmp_path / "models").iterdir())
 
 
-def test_lora_adapter_trains_in_two_processes_and_streams_their_log(episode_dir, tmp_path, monkeypatch):
+@pytest.mark.timeout(600)
+def test_lora_adapter_trains_in_two_processes_through_pipes(episode_dir, tmp_path, monkeypatch):
+    """torchrun with 2 gloo processes, launched through Dagster Pipes: the main process's lines
+    reach the run log once, its result the asset; one writer; sharded windows; a policy that loads."""
     import mlflow
 
     from assets.training import lora_adapter
@@ -134,7 +138,7 @@ def test_lora_adapter_trains_in_two_processes_and_streams_their_log(episode_dir,
     from vla_pipeline.policy.model import load_policy_dir
 
     store_path = _training_setup(episode_dir, tmp_path, monkeypatch)
-    config = {"model": "tiny", "train": {"epochs": 2, "batch_size": 1, "grad_accum": 1, "log_every": 1}}
+    config = {"model": "cpu", "train": {"epochs": 2, "batch_size": 1, "grad_accum": 1, "log_every": 1}}
     with dg.DagsterInstance.ephemeral() as instance:
         result = dg.materialize(
             [train_val_split, lora_adapter], instance=instance,
@@ -144,11 +148,77 @@ def test_lora_adapter_trains_in_two_processes_and_streams_their_log(episode_dir,
         )
         assert result.success
         messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
-    assert any(m.startswith("launching 2 training processes") for m in messages), messages
+    assert any(m.startswith("launching 2 training processes through Dagster Pipes") for m in messages), messages
     assert any("2 processes" in m and m.startswith("training on CPU") for m in messages), messages
     assert sum(m.startswith("epoch 2:") for m in messages) == 1  # the main process's lines, once
     metadata = result.asset_materializations_for_node("lora_adapter")[0].metadata
     assert metadata["batch"].value == "1 × 1 accumulation × 2 processes" and metadata["epochs"].value == 2
+    steps = metadata["steps"].value
+    assert sum(m.startswith(f"step {steps}/{steps}") for m in messages) == 1
     run = mlflow.get_run(metadata["mlflow_run_id"].value)
     assert [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
-    load_policy_dir(result.output_for_node("lora_adapter"))
+    policy_dir = Path(result.output_for_node("lora_adapter"))
+    # One writer: one checkpoint, one policy, one training record, and nothing half-written.
+    assert sorted(p.name for p in policy_dir.parent.iterdir()) == sorted(
+        ["checkpoint", "policy", "training.json", "launch.json", "mlflow_run_id"])
+    assert json.loads((policy_dir.parent / "training.json").read_text())["processes"] == 2
+    load_policy_dir(policy_dir)
+
+
+@pytest.mark.timeout(600)
+def test_a_failing_training_process_fails_the_run_with_its_reason(episode_dir, tmp_path, monkeypatch):
+    from assets.training import lora_adapter
+    from resources import ComputeResource
+
+    store_path = _training_setup(episode_dir, tmp_path, monkeypatch)
+
+    @dg.asset(name="train_val_split")
+    def no_training_episodes():
+        return {"train": [], "val": WindowStore(store_path).episode_ids(), "val_fraction": 1.0}
+
+    result = dg.materialize(
+        [no_training_episodes, lora_adapter], raise_on_error=False,
+        resources={"window_store": WindowStoreResource(path=str(store_path)),
+                   "compute": ComputeResource(device="cpu", processes=2)},
+        run_config={"ops": {"lora_adapter": {"config": {"model": "cpu"}}}},
+    )
+    assert not result.success
+    failure = result.failure_data_for_node("lora_adapter").error.message
+    assert "distributed training failed: rank 0: ValueError: no training windows" in failure, failure
+    assert "rank 1: ValueError: no training windows" in failure, failure
+
+
+@pytest.mark.parametrize("policy, named", [
+    ({"lora_r": 0}, "policy.lora_r"),  # out of bounds: refused as the step starts, before any work
+    ({"lora_targets": "vision"}, "policy:lora_targets"),  # not a choice: refused before the run starts
+])
+def test_a_bad_config_value_fails_at_once_with_the_field_name(episode_dir, tmp_path, policy, named):
+    import os
+    import subprocess
+    import sys
+
+    store_path = tmp_path / "store.zarr"
+    _ingest(episode_dir, store_path, 2)
+    config = json.dumps({"ops": {"lora_adapter": {"config": {"model": "cpu", "policy": policy}}}})
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    done = subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m",
+                           "vla_pipeline.definitions", "--select", "train_val_split,lora_adapter", "--config-json",
+                           config], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "DAGSTER_HOME": str(home), "VLA_STORE": str(store_path),
+                                            "VLA_MODELS": str(tmp_path / "models")})
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert named in output, output[-3000:]
+    assert "training the CPU preset" not in output and not (tmp_path / "models").exists()
+
+
+def test_the_cpu_preset_keeps_its_earlier_names():
+    from assets.training import TrainingConfig
+
+    cpu = TrainingConfig(model="cpu").configs()
+    assert TrainingConfig(model="tiny").configs() == cpu == TrainingConfig(model="small").configs()
+    policy, train = cpu
+    assert policy.preset == "small" and not policy.lora_enable and train.epochs == 20
+    changed, _ = TrainingConfig(model="cpu", policy={"lora_r": 8}).configs()
+    assert changed == policy.replace(lora_r=8)

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -28,6 +27,7 @@ import dagster as dg
 import pytest
 
 from conftest import GOOD_NAME, scripted_actions, write_episode_file
+from postgres_server import free_port
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[dev]')")
 CHROMIUM = shutil.which("chromium")
@@ -100,12 +100,6 @@ LAUNCH = """mutation($params: ExecutionParams!) { launchPipelineExecution(execut
 RUN_STATUS = """query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }"""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_until_served(server: MakeUI) -> str:
     """Poll until the UI answers with its one code location loaded; its name."""
     deadline = time.monotonic() + SERVE_TIMEOUT_S
@@ -163,7 +157,7 @@ def evaluate_into(home: Path) -> None:
                 [train_val_split, lora_adapter, evaluation_metrics], instance=instance,
                 resources={"window_store": WindowStoreResource(path=str(home / "store.zarr")), "compute": ComputeResource()},
                 run_config={"ops": {"train_val_split": {"config": {"val_fraction": 0.34}},
-                                    "lora_adapter": {"config": {"model": "tiny", "train": {"epochs": 1}}}}},
+                                    "lora_adapter": {"config": {"model": "cpu", "train": {"epochs": 1}}}}},
             )
     assert result.success
 

@@ -12,14 +12,13 @@ from conftest import GOOD_NAME, write_episode_file
 from vla_pipeline.data.ingest import ingest_episode
 from vla_pipeline.data.schema import window_starts
 from vla_pipeline.data.store import WindowStore
+from vla_pipeline.data.schema import commanded, mirror_instruction
 from vla_pipeline.training.windows import (
     HDF5WindowDataset,
     WindowDataset,
     action_chunks,
-    commanded,
     collate_windows,
     make_loader,
-    mirror_instruction,
 )
 
 RIGHT_NAME = "episode_20250614_101600_1box_vert_right_core_far"

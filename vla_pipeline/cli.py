@@ -9,20 +9,20 @@ import os
 import sys
 from pathlib import Path
 
-from .data.ingest import episode_files, grouped_reasons, is_up_to_date
-from .data.locks import exclusive
-from .data.pending import DEFAULT_MAX_PENDING_SECONDS, pending_reason
-from .data.schema import parse_scenario
-from .data.store import StoreError, WindowStore, is_url
+from .data.catalog import episode_rows
+from .data.ingest import episode_files, grouped_reasons
+from .data.pending import DEFAULT_MAX_PENDING_SECONDS
+from .data.store import StoreError, WindowStore
 from .evaluation.gate import CHAMPION, DEFAULT_MODEL_NAME
+from .settings import SettingsError, settings
 
 
 def _episodes_dir(value: str | None) -> Path:
-    return Path(value or os.environ.get("VLA_EPISODES_DIR") or "data/episodes")
+    return Path(value) if value else settings().episodes_dir
 
 
 def _store_path() -> Path:
-    return Path(os.environ.get("VLA_STORE") or "data/store.zarr")
+    return Path(settings().store)
 
 
 def _dagster_home() -> None:
@@ -49,91 +49,24 @@ def cmd_sample_episodes(args) -> int:
 def cmd_ingest(args) -> int:
     folder = _episodes_dir(args.folder)
     try:
-        files = episode_files(folder)
-    except FileNotFoundError as error:
+        episode_files(folder)  # a missing folder is said before anything starts
+        _dagster_home()
+        from .definitions import ingest_folder
+
+        report = ingest_folder(folder, say=print)
+    except (FileNotFoundError, StoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    _dagster_home()
-    import dagster as dg
-
-    from .definitions import ingest_partitions, resource
-
-    window_store, episode_folder = resource("window_store"), resource("episode_folder")
-    try:
-        store = window_store.open()
-        if is_url(store.location):  # object storage has no rename or lock to publish episodes with
-            store.writer_lock()  # says so
-    except StoreError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    new = [f for f in files if not is_up_to_date(store, f, window_store.rules)]
-    unfinished = {f.stem: reason for f in new if (reason := episode_folder.pending_reason(f))}
-    pending = [f for f in new if f.stem not in unfinished]
-    print(f"{folder}: {len(files)} episode file(s), {len(files) - len(new)} already ingested, "
-          f"{len(pending)} to ingest" + (f", {len(unfinished)} still pending" if unfinished else ""))
-    for episode_id, reason in unfinished.items():
-        print(f"  pending {episode_id}: {reason}; taken once complete (rejected if still so after "
-              f"{episode_folder.max_pending_seconds:.0f} s unchanged)")
-    if not pending:
-        return 0
-    # A new instance creates its sqlite tables on first use; two processes doing so at once collide.
-    with exclusive(Path(os.environ["DAGSTER_HOME"]) / ".vla-instance.lock", "setting up the Dagster instance", print):
-        instance = dg.DagsterInstance.get()
-    results = ingest_partitions(
-        instance,
-        [path.stem for path in pending],
-        folder=str(folder.resolve()),
-        on_run=lambda first, last, count: print(f"run over {count} partition(s): {first} … {last}"),
-    )
-    failed = [result.run_id for result in results if not result.success]
-    stored = [store.has_episode(path.stem) for path in pending]
-    rejected = [path.stem for path in pending if store.quarantine_record(path.stem)]
-    reasons = grouped_reasons([store.quarantine_record(episode_id)["reason"] for episode_id in rejected])
-    print(f"done: {sum(stored)} stored, {len(rejected)} rejected{f' ({reasons})' if rejected else ''}, "
-          f"{len(results)} run(s) recorded in {os.environ['DAGSTER_HOME']}"
-          + ("; `vla-pipeline episodes` lists them" if rejected else ""))
-    if failed:
-        print(f"error: run(s) {', '.join(failed)} failed; open the Dagster UI for details", file=sys.stderr)
+    if report.runs:
+        rejected = len(report.rejected_reasons)
+        reasons = grouped_reasons(report.rejected_reasons)
+        print(f"done: {report.stored} stored, {rejected} rejected{f' ({reasons})' if rejected else ''}, "
+              f"{report.runs} run(s) recorded in {os.environ['DAGSTER_HOME']}"
+              + ("; `vla-pipeline episodes` lists them" if rejected else ""))
+    if report.failed_runs:
+        print(f"error: run(s) {', '.join(report.failed_runs)} failed; open the Dagster UI for details", file=sys.stderr)
         return 1
     return 0
-
-
-def episode_rows(store: WindowStore, folder: Path | None, max_pending_seconds: float | None = None) -> list[dict]:
-    """Every known episode: stored, rejected, or present in the folder but not yet ingested
-    (with why it waits, when it is an unfinished copy)."""
-    rows = {}
-    for episode_id in store.episode_ids():
-        attrs = store.episode_attrs(episode_id)
-        rows[episode_id] = {
-            "episode_id": episode_id,
-            "status": "stored",
-            "reason": "",
-            "frames": attrs["num_frames"],
-            "windows": len(attrs["window_starts"]),
-            "scenario": attrs["scenario"],
-            "side": attrs["side"],
-            "instruction": attrs["instruction"],
-        }
-    for episode_id in store.quarantined_ids():
-        record = store.quarantine_record(episode_id)
-        scenario = parse_scenario(episode_id)
-        rows[episode_id] = {
-            "episode_id": episode_id,
-            "status": "rejected",
-            "reason": record["reason"],
-            "frames": None,
-            "scenario": scenario.name if scenario else None,
-            "side": scenario.side if scenario else None,
-            "source_file": record["source_file"],
-        }
-    if folder is not None and folder.is_dir():
-        for path in episode_files(folder):
-            if path.stem in rows:
-                continue
-            unfinished = pending_reason(path, max_pending_seconds) if max_pending_seconds is not None else None
-            rows[path.stem] = {"episode_id": path.stem, "status": "pending", "frames": None,
-                               "reason": f"still being copied: {unfinished}" if unfinished else "not ingested yet"}
-    return [rows[key] for key in sorted(rows)]
 
 
 def cmd_episodes(args) -> int:
@@ -210,7 +143,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_model(args) -> int:
-    from .evaluation.registry import ModelLookupError, policy_directory, resolve_version
+    from .evaluation.registry import ModelLookupError, policy_directory, resolve_version, version_summary
 
     try:
         if not args.model_uri.startswith("models:/"):
@@ -219,35 +152,28 @@ def cmd_model(args) -> int:
     except ModelLookupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    tags = version.tags
-    print(f"{args.model_uri} → {version.name} version {version.version} (training run {version.run_id}, "
-          f"data snapshot {tags.get('data_snapshot', '?')}, {tags.get('train_episodes', '?')} train / "
-          f"{tags.get('val_episodes', '?')} val episodes, commit {tags.get('git_commit', '?')[:12]})")
-    print(f"gate: @{tags.get('promotion', '?')}: {tags.get('promotion_reason', '')}")
+    summary = version_summary(version)
+    print(f"{args.model_uri} → {summary['name']} version {summary['version']} (training run {summary['run_id']}, "
+          f"data snapshot {summary['data_snapshot']}, {summary['train_episodes']} train / "
+          f"{summary['val_episodes']} val episodes, commit {summary['git_commit'][:12]})")
+    print(f"gate: @{summary['promotion']}: {summary['promotion_reason']}")
+    on = f" on {summary['predictions']:.0f} predictions" if summary["predictions"] is not None else ""
     for metric, label in (("direction_accuracy", "direction accuracy"), ("mse", "MSE")):
-        row = [f"model {tags.get(f'metric.{metric}_first', '?')}"]
-        row += [f"{key.removeprefix('metric.baseline_').removesuffix(f'_{metric}_first')} {tags[key]}"
-                for key in sorted(tags) if key.startswith("metric.baseline_") and key.endswith(f"_{metric}_first")]
-        scored = tags.get("metric.predictions", tags.get("metric.eval_predictions"))  # versions registered before the rename
-        on = f" on {float(scored):.0f} predictions" if scored is not None else ""
+        row = [f"model {summary[metric]['model']}"] + [f"{name} {value}" for name, value in summary[metric]["baselines"].items()]
         print(f"{label} (first step, validation{on}): " + " | ".join(row))
-    margin = tags.get("metric.direction_accuracy_margin_first")
-    if margin is not None:
-        print(f"margin over the best constant baseline (first step): {float(margin):+.4f}")
-    flip, strafing = tags.get("metric.instruction_flip_fraction_first"), tags.get("metric.instruction_lateral_predictions_first")
+    if summary["margin"] is not None:
+        print(f"margin over the best constant baseline (first step): {summary['margin']:+.4f}")
+    flip, strafing = summary["flip"], summary["strafing_predictions"]
     print("instruction flip (left ↔ right swapped, first step): " + (
-        f"{flip} of {float(strafing):.0f} strafing predictions" if flip is not None and strafing is not None
+        f"{flip} of {strafing:.0f} strafing predictions" if flip is not None and strafing is not None
         else flip or "not measured"))
-    world = tags.get("closed_loop")
-    if world and not world.startswith("skipped"):
-        baselines = " | ".join(f"{name} {float(tags[f'metric.closed_loop_{name}_success_rate']):.2f}"
-                               for name in ("scripted_guide", "blind_side_script", "always_forward")
-                               if f"metric.closed_loop_{name}_success_rate" in tags)
-        print(f"closed loop in {world} ({float(tags.get('metric.closed_loop_rollouts', 0)):.0f} rollouts): success "
-              f"{float(tags['metric.closed_loop_success_rate']):.2f}, SPL {float(tags['metric.closed_loop_spl']):.2f}, "
-              f"collisions {float(tags['metric.closed_loop_collision_rate']):.2f} | same scenes: {baselines}")
-    elif world:
-        print(f"closed loop: {world}")
+    closed = summary["closed_loop"]
+    if closed and "skipped" in closed:
+        print(f"closed loop: skipped: {closed['skipped']}")
+    elif closed:
+        baselines = " | ".join(f"{name} {rate:.2f}" for name, rate in closed["baselines"].items())
+        print(f"closed loop in {closed['env']} ({closed['rollouts']:.0f} rollouts): success {closed['success_rate']:.2f}, "
+              f"SPL {closed['spl']:.2f}, collisions {closed['collision_rate']:.2f} | same scenes: {baselines}")
     return 0
 
 
@@ -401,6 +327,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except SettingsError as error:  # a VLA_* variable with a value it cannot take
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0

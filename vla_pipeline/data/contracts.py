@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .episodes import model_frame
+from .frames import model_frame
 from .schema import EVENT_TYPES, window_starts
 from .store import WindowStore
 

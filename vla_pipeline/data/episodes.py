@@ -12,11 +12,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 import xxhash
 
+from .frames import model_frame
 from .h5chunks import frame_blocks
 from .schema import IMAGE_SIZE, Scenario, parse_scenario, side_of_instruction
 
@@ -292,16 +292,6 @@ def _text(value) -> str:
     if isinstance(value, bytes | np.bytes_):
         value = bytes(value).decode("utf-8", errors="replace")
     return str(value).strip("\x00 \t\r\n")
-
-
-def model_frame(frame: np.ndarray, colour_order: str, size: int = IMAGE_SIZE) -> np.ndarray:
-    """One camera frame as the policy sees it: size×size RGB uint8.
-
-    The whole field of view matters (obstacles sit left or right), so the frame is squashed
-    to a square rather than cropped.
-    """
-    small = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(small, cv2.COLOR_BGR2RGB) if colour_order == "BGR" else small
 
 
 def read_frames(

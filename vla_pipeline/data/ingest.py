@@ -52,8 +52,9 @@ def episode_files(folder: Path | str) -> list[Path]:
     )
 
 
-def _ingested_as(store: WindowStore, path: Path, rules: ValidationRules, digest: str | None = None) -> str | None:
-    """'stored' or 'rejected' when this exact file content was already ingested under these rules.
+def _ingested_as(store: WindowStore, path: Path, rules: dict, digest: str | None = None) -> str | None:
+    """'stored' or 'rejected' when this exact file content was already ingested under these
+    rules (`asdict(ValidationRules)`, as recorded).
 
     An unchanged size and modification time stand for unchanged content (as in rsync and
     make); otherwise the content hash decides, so a touched but identical file is not redone.
@@ -62,7 +63,7 @@ def _ingested_as(store: WindowStore, path: Path, rules: ValidationRules, digest:
         ("stored", store.episode_attrs(path.stem)),
         ("rejected", store.quarantine_record(path.stem)),
     ):
-        if not record or record.get("rules") != asdict(rules) or not path.is_file():
+        if not record or record.get("rules") != rules or not path.is_file():
             continue
         stat = path.stat()
         if (record.get("size_bytes"), record.get("source_mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
@@ -73,7 +74,19 @@ def _ingested_as(store: WindowStore, path: Path, rules: ValidationRules, digest:
 
 
 def is_up_to_date(store: WindowStore, path: Path, rules: ValidationRules) -> bool:
-    return _ingested_as(store, path, rules) is not None
+    return _ingested_as(store, path, asdict(rules)) is not None
+
+
+def up_to_date_check(store: WindowStore, rules: ValidationRules) -> Callable[[Path], bool]:
+    """`is_up_to_date` for many files of one look, each file's answer found once."""
+    recorded_rules, answers = asdict(rules), {}
+
+    def check(path: Path) -> bool:
+        if path not in answers:
+            answers[path] = _ingested_as(store, path, recorded_rules) is not None
+        return answers[path]
+
+    return check
 
 
 def ingest_episode(
@@ -89,7 +102,7 @@ def ingest_episode(
     store = WindowStore(store_path)
     mtime_ns = path.stat().st_mtime_ns if path.is_file() else None  # taken before hashing
     digest = content_hash(path) if path.is_file() else None
-    if not force and _ingested_as(store, path, rules, digest) == "stored":
+    if not force and _ingested_as(store, path, asdict(rules), digest) == "stored":
         attrs = store.episode_attrs(path.stem)
         return IngestOutcome(path.stem, "unchanged", frames=attrs["num_frames"], summary=attrs)
     try:

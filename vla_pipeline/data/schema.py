@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 # Teleop keys publish only 0 or ±ACTION_SCALE per axis (raw command units).
 ACTION_SCALE = 1.15
 KEY_ACTIONS: dict[str, tuple[float, float, float]] = {
@@ -34,6 +36,7 @@ _SCENARIO = re.compile(
     r"(?P<pattern>core|variant)_(?P<distance>close|medium|far)(?:_|$)"
 )
 _SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+OTHER_SIDE = {"left": "right", "right": "left"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,12 @@ class Scenario:
     pattern: str
     distance: str
     basket: bool = False
+
+    @property
+    def group(self) -> str:
+        """Boxes, layout and side: the obstacle course itself. Pattern, distance and basket vary
+        the same course, and grouping by them would leave most groups too small."""
+        return f"{self.boxes}_{self.layout}_{self.side}"
 
     @property
     def name(self) -> str:
@@ -79,6 +88,31 @@ def side_of_instruction(instruction: str) -> str | None:
     """'left' or 'right' when the instruction names exactly one side."""
     sides = {word.lower() for word in _SIDE_WORD.findall(instruction)}
     return sides.pop() if len(sides) == 1 else None
+
+
+def scenario_group(scenario_name: str | None) -> str | None:
+    """The course (boxes, layout, side) of a scenario token, or None without one."""
+    scenario = parse_scenario(scenario_name) if scenario_name else None
+    return scenario.group if scenario else None
+
+
+def mirror_instruction(text: str) -> str:
+    """Swap the whole words 'left' and 'right', keeping their case ('Left' → 'Right')."""
+
+    def swap(match: re.Match) -> str:
+        word = match.group(0)
+        other = OTHER_SIDE[word.lower()]
+        if word.isupper():
+            return other.upper()
+        return other.capitalize() if word[0].isupper() else other
+
+    return _SIDE_WORD.sub(swap, text)
+
+
+def commanded(event_types) -> np.ndarray:
+    """Which recorded steps are commands: all but the `episode_start` frame, whose zero action
+    is no key press (its image is the one the first key press is taken from)."""
+    return np.array([str(event) != "episode_start" for event in event_types], bool)
 
 
 def window_starts(num_frames: int, window: int, chunk: int) -> list[int]:

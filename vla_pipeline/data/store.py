@@ -150,11 +150,6 @@ class WindowStore:
         path = self.quarantine_dir / f"{episode_id}.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def known_hash(self, episode_id: str) -> str | None:
-        """Content hash of the source file last ingested under this id, stored or rejected."""
-        record = self.episode_attrs(episode_id) or self.quarantine_record(episode_id) or {}
-        return record.get("content_hash")
-
     def action_stats(self, episode_ids) -> ActionStats:
         """Dataset-wide action statistics merged from the per-episode ones, without a rescan."""
         return ActionStats.merge(

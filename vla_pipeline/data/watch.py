@@ -31,14 +31,20 @@ class FolderState:
     handed: dict[str, list[int]] = field(default_factory=dict)  # stem -> [size, mtime_ns] when sent to ingest
 
     def to_json(self) -> str:
-        return json.dumps({"seen": self.seen, "handed": self.handed}, sort_keys=True)
+        """Compact: a file handed to ingest at the stat it still has (the usual case) is marked by a
+        third element in `seen` ([size, mtime_ns, 1]); only other handed stats are listed apart."""
+        seen = {stem: stat + [1] if self.handed.get(stem) == stat else stat for stem, stat in self.seen.items()}
+        handed = {stem: stat for stem, stat in self.handed.items() if self.seen.get(stem) != stat}
+        return json.dumps({"seen": seen, "handed": handed}, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | None) -> FolderState:
         if not text:
             return cls()
-        data = json.loads(text)
-        return cls(seen=dict(data.get("seen", {})), handed=dict(data.get("handed", {})))
+        data = json.loads(text)  # earlier cursors list every handed stat in "handed": read as they are
+        seen = {stem: list(stat[:2]) for stem, stat in data.get("seen", {}).items()}
+        handed = {stem: list(stat[:2]) for stem, stat in data.get("seen", {}).items() if len(stat) > 2}
+        return cls(seen=seen, handed={**handed, **data.get("handed", {})})
 
 
 @dataclass

@@ -20,14 +20,12 @@ import numpy as np
 import torch
 
 from . import metrics
-from .replay import ScriptedReplay, course
+from .replay import ScriptedReplay, side_and_distance
 from ..policy.model import MobileVLAPolicy
 from ..policy.preprocess import normalise_images
-from ..data.schema import ACTION_DIMS, window_starts
+from ..data.schema import ACTION_DIMS, commanded, mirror_instruction, scenario_group, window_starts
 from ..policy.serving import sliding_window_actions
-from ..training.split import EpisodeEntry
 from ..data.store import WindowStore
-from ..training.windows import commanded, mirror_instruction
 
 ENCODE_BATCH = 8  # frames per backbone call
 
@@ -82,13 +80,13 @@ def predict_episode(policy: MobileVLAPolicy, store: WindowStore, episode_id: str
     actions = np.asarray(group["actions"][: frames + config.chunk - 1, :2], np.float32)
     scored = np.flatnonzero(commanded(group["event_types"][:frames]))
     steps = scored[:, None] + np.arange(config.chunk)[None, :]
-    entry = EpisodeEntry.from_attrs(episode_id, attrs)
+    side = attrs.get("side")
     result = EpisodePredictions(
-        episode_id=episode_id, side=entry.side, scenario=entry.scenario_group, instruction=attrs["instruction"],
+        episode_id=episode_id, side=side, scenario=scenario_group(attrs.get("scenario")), instruction=attrs["instruction"],
         frames=scored, pred=predict_frames(policy, images, attrs["instruction"])[scored], true=actions[steps],
     )
     swapped = mirror_instruction(attrs["instruction"])
-    if swap_sides and entry.side in ("left", "right") and swapped != attrs["instruction"]:
+    if swap_sides and side in ("left", "right") and swapped != attrs["instruction"]:
         result.pred_swapped = predict_frames(policy, images, swapped)[scored]
     return result
 
@@ -130,7 +128,7 @@ def evaluate(
     if replay is not None:
         chunk = policy.config.chunk
         replayed = metrics.score(np.concatenate([
-            replay.predict(*course(store.episode_attrs(e.episode_id)), e.frames, chunk) for e in episodes
+            replay.predict(*side_and_distance(store.episode_attrs(e.episode_id)), e.frames, chunk) for e in episodes
         ]), true, scale, dead_band)
     result = {
         "episodes": len(episodes),

@@ -24,7 +24,7 @@ from ..policy.model import load_policy_dir
 from ..policy.policy_config import CONFIG_FILE, read_policy_config
 from ..policy.bundle import BUNDLE_FILE
 from ..policy.serving import StreamingPolicy, load_bundle
-from ..training.tracking import mlflow_client, tracking_uri
+from ..tracking import mlflow_client, tracking_uri
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -192,3 +192,42 @@ def load_policy(uri: str | Path, colour_order: str = "BGR", backbone: str | None
     if "bundle" in meta and backbone is None and dtype is None:
         return load_bundle(directory, colour_order)
     return StreamingPolicy(load_policy_dir(directory, backbone_override=backbone, dtype=dtype), colour_order, meta)
+
+
+def version_summary(version) -> dict:
+    """What a registered version's tags say: its provenance, gate decision, offline metrics
+    against the baselines, instruction flip and closed-loop scores (None where not recorded)."""
+    tags = version.tags
+
+    def number(key: str) -> float | None:
+        return float(tags[key]) if key in tags else None
+
+    def against_baselines(metric: str) -> dict:
+        suffix = f"_{metric}_first"
+        return {"model": tags.get(f"metric.{metric}_first", "?"),
+                "baselines": {key.removeprefix("metric.baseline_").removesuffix(suffix): tags[key]
+                              for key in sorted(tags) if key.startswith("metric.baseline_") and key.endswith(suffix)}}
+
+    world = tags.get("closed_loop")
+    closed = None
+    if world and world.startswith("skipped"):
+        closed = {"skipped": world.removeprefix("skipped: ")}
+    elif world:
+        closed = {"env": world, **{key: number(f"metric.closed_loop_{key}") or 0.0
+                                   for key in ("rollouts", "success_rate", "spl", "collision_rate")},
+                  "baselines": {name: number(f"metric.closed_loop_{name}_success_rate")
+                                for name in ("scripted_guide", "blind_side_script", "always_forward")
+                                if f"metric.closed_loop_{name}_success_rate" in tags}}
+    return {
+        "name": version.name, "version": version.version, "run_id": version.run_id,
+        "data_snapshot": tags.get("data_snapshot", "?"), "train_episodes": tags.get("train_episodes", "?"),
+        "val_episodes": tags.get("val_episodes", "?"), "git_commit": tags.get("git_commit", "?"),
+        "promotion": tags.get("promotion", "?"), "promotion_reason": tags.get("promotion_reason", ""),
+        "direction_accuracy": against_baselines("direction_accuracy"), "mse": against_baselines("mse"),
+        # versions registered before the rename carry metric.eval_predictions
+        "predictions": number("metric.predictions") if "metric.predictions" in tags else number("metric.eval_predictions"),
+        "margin": number("metric.direction_accuracy_margin_first"),
+        "flip": tags.get("metric.instruction_flip_fraction_first"),
+        "strafing_predictions": number("metric.instruction_lateral_predictions_first"),
+        "closed_loop": closed,
+    }

@@ -66,7 +66,7 @@ class ScriptedReplay:
     @classmethod
     def from_store(cls, store: WindowStore, train_ids: Sequence[str]) -> ScriptedReplay:
         return cls.from_episodes(
-            (*course(store.episode_attrs(episode_id)), np.asarray(store.open_episode(episode_id)["actions"][:]))
+            (*side_and_distance(store.episode_attrs(episode_id)), np.asarray(store.open_episode(episode_id)["actions"][:]))
             for episode_id in sorted(train_ids))
 
     def action(self, side: str | None, distance: str | None, t: int) -> np.ndarray:
@@ -81,7 +81,7 @@ class ScriptedReplay:
         return np.stack([[self.action(side, distance, t + c) for c in range(chunk)] for t in frames])
 
 
-def course(attrs) -> tuple[str | None, str | None]:
+def side_and_distance(attrs) -> tuple[str | None, str | None]:
     """(side, distance) of a stored episode; None where its scenario does not say."""
     scenario = parse_scenario(attrs.get("scenario") or "")
     return attrs.get("side") or (scenario.side if scenario else None), scenario.distance if scenario else None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..settings import settings
 from .hub import resolve_backbone
 from .policy_config import PolicyConfig
 from .preprocess import CLIP_MEAN, CLIP_STD, INSTRUCTION_WORDS
@@ -110,7 +111,7 @@ def local_backbone_dir(preset: str = "tiny") -> Path:
     folder under the temp dir), built once."""
     version = LOCAL_BACKBONES[preset]["version"]
     default = Path(tempfile.gettempdir()) / f"vla_pipeline-kosmos2-{preset}-v{version}"
-    target = Path(os.environ.get(f"VLA_{preset.upper()}_BACKBONE", default))
+    target = getattr(settings(), f"{preset}_backbone") or default
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))

@@ -33,7 +33,7 @@ def hub_unreachable() -> str | None:
 
 
 def _advice(hub_id: str = DEFAULT_BACKBONE) -> str:
-    return ("Set VLA_MODEL=tiny for the built-in small Kosmos-2, or set VLA_MODEL (or the lora_adapter "
+    return ("Set VLA_MODEL=cpu for the CPU preset (a small Kosmos-2 built in-process), or set VLA_MODEL (or the lora_adapter "
             "config's `model`) to a folder written by `save_pretrained`, for example one made with "
             f"`hf download {hub_id} --local-dir DIR` on a machine that reaches the hub.")
 

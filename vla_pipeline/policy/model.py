@@ -26,7 +26,7 @@ from torch import nn
 
 from .backbone import load_backbone
 from .policy_config import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE, PolicyConfig, read_policy_config
-from .preprocess import PROMPT_TEMPLATE, encode_prompts, normalise_actions, normalise_images
+from .preprocess import PROMPT_TEMPLATE, encode_prompts, normalise_images
 from ..data.schema import IMAGE_SIZE
 
 
@@ -272,10 +272,6 @@ class MobileVLAPolicy(nn.Module):
         finally:
             self.train(was_training)
         return actions * self.config.action_scale
-
-    def normalise_actions(self, actions: torch.Tensor) -> torch.Tensor:
-        """Robot units -> normalised [-1, 1] targets."""
-        return normalise_actions(actions, self.config.action_scale)
 
     # -- what trains and what is saved ---------------------------------------------
 

@@ -19,19 +19,18 @@ The learnable action token and the LSTM head always train.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..data.schema import ACTION_DIMS, ACTION_SCALE
 
 DEFAULT_BACKBONE = "microsoft/kosmos-2-patch14-224"
-PRESETS = ("full", "tiny", "small")
-LORA_TARGETS = ("text", "text+vision", "all-linear")
-ACTION_HEADS = ("regression", "classification")
-ACTION_DECODES = ("expected", "argmax")
+# "full": Kosmos-2 as given; "small": the CPU preset's small Kosmos-2 built in-process; "tiny": the
+# test-size one. The CPU preset is the small backbone plus its own training setup (`cpu()`).
+Preset = Literal["full", "tiny", "small"]
 CONFIG_VERSION = 1
 
 # The policy directory: what training writes and serving reads.
@@ -41,73 +40,64 @@ ADAPTER_DIR = "adapter"  # the LoRA adapter (peft)
 ACTION_STATS_FILE = "action_stats.json"  # the training set's action statistics
 
 
-@dataclass(frozen=True)
-class PolicyConfig:
+def config_error(error: ValidationError, prefix: str = "") -> str:
+    """A pydantic error in one line, field by field: `lora_r: Input should be greater than or equal to 1`."""
+    def message(item: dict) -> str:
+        return "unknown setting (no such field)" if item["type"] == "extra_forbidden" else item["msg"]
+
+    return "; ".join(f"{prefix}{'.'.join(map(str, item['loc']))}: {message(item)}" for item in error.errors())
+
+
+class PolicyConfig(BaseModel):
     """A Kosmos-2 policy with an LSTM policy head (RoboVLMs "policy-head history").
 
     `backbone` is a hub id or a local directory loaded with `from_pretrained`. With
     preset "tiny" or "small" it must be a directory written by `save_local_backbone`, or
     anything else (e.g. the default hub id), in which case the preset's deterministic backbone
-    is built into a cache directory first and loaded from there.
+    is built into a cache directory first and loaded from there. A bad value raises a
+    ValueError naming the field and what it accepts.
     """
 
-    backbone: str = DEFAULT_BACKBONE
-    preset: str = "full"
-    window: int = 8
-    chunk: int = 10
-    action_dim: int = len(ACTION_DIMS)
-    action_scale: float = ACTION_SCALE
-    lstm_hidden: int = 512
-    lstm_layers: int = 4
-    huber_delta: float = 1.0
-    # "regression": tanh outputs, Huber loss; "classification": per chunk step and axis 3 logits
-    # for -1, 0, +1 (× action_scale), cross-entropy loss, the expected value as the action
-    action_head: str = "regression"
-    # > 0: a linear probe must read the instruction's side (left/right) from every frame's
-    # feature during training; its BCE loss, times this weight, joins the action loss
-    side_loss_weight: float = 0.0
-    # classification head only: the action is the softmax's "expected" value, or the "argmax"
-    # class (exactly 0 or ±action_scale, like the teleop keys)
-    action_decode: str = "expected"
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backbone: str = Field(DEFAULT_BACKBONE, description="hub id or save_pretrained folder")
+    preset: Preset = Field("full", description="full: Kosmos-2 as given; tiny / small: built in-process")
+    window: int = Field(8, ge=1, description="frames the head sees")
+    chunk: int = Field(10, ge=1, description="actions predicted per frame")
+    action_dim: int = Field(len(ACTION_DIMS), ge=1, description="actions per step: (linear_x, linear_y)")
+    action_scale: float = Field(ACTION_SCALE, gt=0, description="robot units of a full key press")
+    lstm_hidden: int = Field(512, ge=1, description="the head's LSTM width")
+    lstm_layers: int = Field(4, ge=1, le=4, description="the head's LSTM layers")
+    huber_delta: float = Field(1.0, gt=0, description="the regression head's Huber (smooth L1) threshold")
+    action_head: Literal["regression", "classification"] = Field("regression", description=(
+        "regression: tanh outputs, Huber loss; classification: 3 logits per chunk step and axis for "
+        "-1, 0, +1 (× action_scale), cross-entropy, the expected value as the action"))
+    side_loss_weight: float = Field(0.0, ge=0, description=(
+        "> 0: a linear probe must read the instruction's side from every frame's feature; its BCE "
+        "loss, times this weight, joins the action loss"))
+    action_decode: Literal["expected", "argmax"] = Field("expected", description=(
+        "classification head: the softmax's expected value, or the most likely class (0 or ±scale)"))
     # training setup (RoboVLMs names)
-    freeze_backbone: bool = False
-    lora_enable: bool = True
-    lora_r: int = 32
-    lora_alpha: int = 16
-    lora_dropout: float = 0.1
-    lora_targets: str = "all-linear"
-    train_vision: bool = False
-    train_text_embedding: bool = False
-    train_decoder_layers: int = -1
+    freeze_backbone: bool = Field(False, description="no backbone weight trains (unless a rule below trains it)")
+    lora_enable: bool = Field(True, description="LoRA matrices on a frozen backbone")
+    lora_r: int = Field(32, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (alpha / r)")
+    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    lora_targets: Literal["text", "text+vision", "all-linear"] = Field(
+        "all-linear", description="which Linear layers get LoRA (all-linear: every one, the projection too)")
+    train_vision: bool = Field(False, description="the vision tower trains in full")
+    train_text_embedding: bool = Field(False, description="the word embeddings train")
+    train_decoder_layers: int = Field(-1, ge=-1, description="the last N text decoder layers trained in full")
     # recompute each layer's activations in the backward pass: full size at batch 2 × 4 peaks at
     # 7.9 GiB instead of 14.7 (H200, benchmarks/gpu.py); the small presets have no need of it
-    gradient_checkpointing: bool = True
-    seed: int = 0
+    gradient_checkpointing: bool = Field(True, description="recompute activations in the backward pass")
+    seed: int = Field(0, description="initialisation of the action token and head")
 
-    def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {PRESETS}, not {self.preset!r}")
-        if self.action_head not in ACTION_HEADS:
-            raise ValueError(f"action_head must be one of {ACTION_HEADS}, not {self.action_head!r}")
-        if self.action_decode not in ACTION_DECODES:
-            raise ValueError(f"action_decode must be one of {ACTION_DECODES}, not {self.action_decode!r}")
-        if self.lora_targets not in LORA_TARGETS:
-            raise ValueError(f"lora_targets must be one of {LORA_TARGETS}, not {self.lora_targets!r}")
-        for name in ("window", "chunk", "action_dim", "lstm_hidden", "lora_r"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)!r}")
-        if not 1 <= self.lstm_layers <= 4:
-            raise ValueError(f"lstm_layers must be 1..4, not {self.lstm_layers!r}")
-        if self.train_decoder_layers < -1:
-            raise ValueError(f"train_decoder_layers must be >= -1, not {self.train_decoder_layers!r}")
-        if not self.action_scale > 0:
-            raise ValueError(f"action_scale must be > 0, not {self.action_scale!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), not {self.lora_dropout!r}")
-        if not self.side_loss_weight >= 0:
-            raise ValueError(f"side_loss_weight must be >= 0, not {self.side_loss_weight!r}")
-        if not self.huber_delta > 0:
-            raise ValueError(f"huber_delta must be > 0, not {self.huber_delta!r}")
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:  # one line naming the field, not pydantic's block
+            raise ValueError(f"policy config: {config_error(error)}") from None
 
     @classmethod
     def tiny(cls, **overrides: Any) -> PolicyConfig:
@@ -116,28 +106,27 @@ class PolicyConfig:
             preset="tiny", backbone="tiny", window=3, chunk=2, lstm_hidden=32, lstm_layers=1, lora_r=4,
             lora_alpha=8, lora_dropout=0.0, gradient_checkpointing=False,
         )
-        values.update(overrides)
-        return cls(**values)
+        return cls(**{**values, **overrides})
 
     @classmethod
-    def small(cls, **overrides: Any) -> PolicyConfig:
-        """The CPU preset (`VLA_MODEL=tiny` or `small`): a small random Kosmos-2 trained in full —
-        LoRA on random weights learns nothing — with a classification head, the side probe and
-        the most likely class as the action; learns the task in about two minutes on 2 cores with
-        `TrainConfig.small()` (benchmarks/learning.py measures it)."""
+    def cpu(cls, **overrides: Any) -> PolicyConfig:
+        """The CPU preset (`VLA_MODEL=cpu`): a small random Kosmos-2 trained in full — LoRA on
+        random weights learns nothing — with a classification head, the side probe and the most
+        likely class as the action; learns the task in a few minutes on 2 cores with
+        `TrainConfig.cpu()` (benchmarks/learning.py measures it)."""
         values: dict[str, Any] = dict(
             preset="small", backbone="small", window=8, chunk=1, lstm_hidden=64, lstm_layers=1,
             action_head="classification", side_loss_weight=0.5, action_decode="argmax", lora_enable=False,
             train_vision=True, train_text_embedding=True, gradient_checkpointing=False,
         )
-        values.update(overrides)
-        return cls(**values)
+        return cls(**{**values, **overrides})
 
     def replace(self, **changes: Any) -> PolicyConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`, validated like a new config."""
+        return type(self)(**{**self.model_dump(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
+        return {"config_version": CONFIG_VERSION, **self.model_dump()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
@@ -145,18 +134,10 @@ class PolicyConfig:
         version = data.pop("config_version", CONFIG_VERSION)
         if version != CONFIG_VERSION:
             raise ValueError(f"policy config version {version} is not supported (expected {CONFIG_VERSION})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown policy config keys: {', '.join(unknown)}")
         return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> PolicyConfig:
-        return cls.from_dict(json.loads(text))
 
 
 def read_policy_config(directory) -> PolicyConfig:

@@ -3,7 +3,7 @@
 `StreamingPolicy.step` encodes only the new frame with the backbone and keeps the features
 of the last `window - 1` frames, so the LSTM head sees exactly the window it saw in
 training (frames t-W+1 … t, fewer at the start of an episode) at the cost of one frame.
-Frames go through `episodes.model_frame` and `preprocess.normalise_images`, the very code
+Frames go through `data.frames.model_frame` and `preprocess.normalise_images`, the very code
 the window store and the trainer use.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.episodes import model_frame
+from ..data.frames import model_frame
 from .model import MobileVLAPolicy
 from .preprocess import normalise_images
 from ..data.schema import IMAGE_SIZE

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.atomic import write_text
+from ..data.schema import ACTION_DIMS, IMAGE_SIZE
+from ..settings import settings
 
 DEFAULT_MARGIN = 0.15  # of the card's memory, left for fragmentation and the evaluation pass
 MAX_PROBED_BATCH = 256
@@ -28,10 +30,6 @@ class BatchPlan:
     per_step: int  # windows per forward/backward
     grad_accum: int  # steps per optimizer step
     note: str  # one line for the run log
-
-    @property
-    def effective(self) -> int:
-        return self.per_step * self.grad_accum
 
 
 def split_effective_batch(effective: int, largest_fitting: int) -> tuple[int, int]:
@@ -70,8 +68,7 @@ def cache_key(device_name: str, total_memory: int, policy_config: dict, precisio
 
 
 def cache_file() -> Path:
-    root = os.environ.get("VLA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
-                                                       "vla_pipeline")
+    root = settings().cache or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vla_pipeline"
     return Path(root) / "autobatch.json"
 
 
@@ -108,3 +105,68 @@ def memory_fits(step: Callable[[int], None], peak_bytes: Callable[[], int], rese
             reset()
 
     return fits
+
+
+def batch_split(policy, policy_config, train_config, compute) -> tuple[int, int, str | None]:
+    """(per-step batch, accumulation, a line for the run log or None) for a training: the
+    training config's split, or with `compute.batch_size: auto` on a GPU the probed one."""
+    per_step, accumulation = train_config.batch_size, train_config.grad_accum
+    if not compute.auto_batch:
+        return per_step, accumulation, None
+    if compute.device != "cuda":
+        return per_step, accumulation, f"batch auto: no GPU to probe, keeping {per_step} × {accumulation} accumulation"
+    import torch
+
+    key = cache_key(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory,
+                    policy_config.to_dict(), compute.precision, DEFAULT_MARGIN)
+    plan = plan_batch(per_step * accumulation, key, lambda: probe_largest_batch(policy, policy_config, compute.precision))
+    return plan.per_step, plan.grad_accum, plan.note
+
+
+def synthetic_batch(policy_config, size: int, instruction: str = "Navigate around the obstacle "
+                    "on the left side and reach the cup") -> dict:
+    """`size` windows of random frames and actions, shaped as the loader's."""
+    import torch
+
+    generator = torch.Generator().manual_seed(size)
+    shape = (size, policy_config.window, IMAGE_SIZE, IMAGE_SIZE, 3)
+    return {
+        "images": torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator),
+        "instructions": [instruction] * size,
+        "actions": torch.randint(-1, 2, (size, policy_config.window, policy_config.chunk, len(ACTION_DIMS)),
+                                 generator=generator).float(),
+        "action_mask": torch.ones(size, policy_config.window, policy_config.chunk, dtype=torch.bool),
+        "sides": ["left"] * size,
+    }
+
+
+def probe_largest_batch(policy, policy_config, precision: str, margin: float = DEFAULT_MARGIN) -> int:
+    """The largest per-step batch of windows whose training step (forward, backward, AdamW) on
+    this GPU peaks below `1 - margin` of its memory. Changes no weight (lr 0)."""
+    import torch
+
+    from .compute import half_dtype
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    policy.to(device)
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=0.0, weight_decay=0.0, fused=True)
+
+    def step(size: int) -> None:
+        with torch.autocast("cuda", dtype=half_dtype(precision) or torch.float32, enabled=half_dtype(precision) is not None):
+            loss, _ = policy(synthetic_batch(policy_config, size))
+        loss.backward()
+        optimizer.step()
+
+    def reset() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    fits = memory_fits(step, lambda: torch.cuda.max_memory_allocated(device), reset, int((1 - margin) * total))
+    try:
+        return largest_fitting_batch(fits)
+    finally:
+        reset()

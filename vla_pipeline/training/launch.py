@@ -1,33 +1,29 @@
-"""Training in several processes on one machine (one per GPU), through torchrun.
-
-`train()` itself is multi-process aware (accelerate: sharded loaders, gathered validation
-loss, main-process writes behind barriers); this module is the entry point torchrun starts in
-every process, and the launcher that starts torchrun and streams its log lines back:
+"""Training in several processes on one machine (one per GPU), through torchrun:
 
     python -m torch.distributed.run --standalone --nproc_per_node 4 \\
         -m vla_pipeline.training.launch SPEC.json
 
-SPEC.json holds what `train()` takes (policy and training config, store, split, output folder,
-device, precision, batch size). The main process writes `result.json` beside the policy.
+`train()` itself is multi-process aware (accelerate: sharded loaders, gathered validation loss,
+main-process writes behind barriers); this module is the entry point torchrun starts in every
+process. Launched by Dagster (`lora_adapter`, through `dg.PipesSubprocessClient`), the main
+process reports its log lines and, at the end, its TrainResult through dagster-pipes; started by
+hand, every process prints. A process that fails writes its reason beside the training
+(`failed-rank<N>.txt`), where the launcher finds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
-import signal
-import subprocess
 import sys
 import traceback
-from collections import deque
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from ..data.atomic import write_text
-
-RESULT_FILE = "result.json"
 SPEC_FILE = "launch.json"
+FAILURE_FILE = "failed-rank{rank}.txt"
 
 
 def write_spec(output_dir: Path | str, policy_config: dict, train_config: dict, store_path: str,
@@ -45,79 +41,73 @@ def write_spec(output_dir: Path | str, policy_config: dict, train_config: dict, 
     return spec
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the launching process dies (Linux), so a killed
-    Dagster run leaves no training behind. torchrun passes the signal on to its workers."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def launch_command(spec: Path, processes: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
             "-m", "vla_pipeline.training.launch", str(spec)]
 
 
-def run_distributed(spec: Path, processes: int, log: Callable[[str], None] = print):
-    """Run the training in `spec` in `processes` processes; stream the main process's lines to
-    `log`; return its TrainResult. Raises RuntimeError (with the last lines) if it fails."""
+def output_dir_of(spec: Path) -> Path:
+    return Path(json.loads(Path(spec).read_text())["output_dir"])
+
+
+def failure_reasons(spec: Path) -> list[str]:
+    """`rank N: Type: message` for every process of the last launch of `spec` that failed."""
+    return [f"rank {path.stem.removeprefix('failed-rank')}: {path.read_text().strip()}"
+            for path in sorted(output_dir_of(spec).glob(FAILURE_FILE.format(rank="*")))]
+
+
+def result_from_report(report: dict):
+    """The TrainResult the main process reported (`report_custom_message`)."""
     from .train import TrainResult
 
-    # One CPU thread per process unless set: N processes share the machine's cores.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
-    command = launch_command(spec, processes)
-    log(f"launching {processes} training processes: {' '.join(command[1:])}")
-    tail: deque[str] = deque(maxlen=40)
-    failures: list[str] = []  # each failed process's one-line reason (main() below prints it)
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                          preexec_fn=_die_with_parent) as child:
-        try:
-            for line in child.stdout:
-                line = line.rstrip()
-                tail.append(line)
-                if line.startswith("[rank") and "] FAILED " in line:
-                    failures.append(line)
-                elif line.startswith("[rank0] "):  # the main process's lines: the run log
-                    log(line[len("[rank0] "):])
-        except BaseException:
-            child.terminate()
-            raise
-    if child.returncode != 0:
-        reasons = "\n".join(failures) or f"torchrun exited with {child.returncode}"
-        raise RuntimeError(f"distributed training failed:\n{reasons}\nits last output lines:\n" + "\n".join(tail))
-    data = json.loads((Path(json.loads(spec.read_text())["output_dir"]) / RESULT_FILE).read_text())
-    return TrainResult(**{**data, "output_dir": Path(data["output_dir"])})
+    values = {key: (math.nan if value is None and key in ("steady_windows_per_s", "peak_memory_gib") else value)
+              for key, value in report.items()}
+    return TrainResult(**{**values, "output_dir": Path(values["output_dir"])})
+
+
+def _report(result) -> dict:
+    """The TrainResult as JSON types (NaN as null: the message channel is strict JSON)."""
+    return {key: (None if isinstance(value, float) and math.isnan(value) else value)
+            for key, value in {**asdict(result), "output_dir": str(result.output_dir)}.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     """One process's training (started by torchrun)."""
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
     from ..policy.policy_config import PolicyConfig
     from .compute import plan_compute
-    from .train import TrainConfig, train
+    from .train import train
+    from .train_config import TrainConfig
 
     (spec_path,) = argv if argv is not None else sys.argv[1:]
     spec = json.loads(Path(spec_path).read_text())
-    rank = os.environ.get("RANK", "0")
+    rank = int(os.environ.get("RANK", "0"))
+    failure = Path(spec["output_dir"]) / FAILURE_FILE.format(rank=rank)
+    failure.unlink(missing_ok=True)
+    with contextlib.ExitStack() as stack:
+        # The main process speaks for all of them: to Dagster when launched through Pipes.
+        pipes = (stack.enter_context(open_dagster_pipes())
+                 if rank == 0 and PipesEnvVarParamsLoader().is_dagster_pipes_process() else None)
 
-    def log(line: str) -> None:
-        print(f"[rank{rank}] {line}", flush=True)
+        def log(line: str) -> None:
+            if pipes is not None:
+                pipes.log.info(line)
+            else:
+                print(f"[rank{rank}] {line}", flush=True)
 
-    try:
-        result = train(
-            PolicyConfig.from_dict(spec["policy"]), TrainConfig(**spec["train"]), spec["store"],
-            spec["train_ids"], spec["val_ids"], spec["output_dir"],
-            compute=plan_compute(spec["device"], spec["precision"], spec["batch_size"]), log=log,
-        )
-    except Exception as error:  # one line the launcher reports, then the traceback
-        log(f"FAILED {type(error).__name__}: {error}")
-        traceback.print_exc()
-        return 1
-    if rank == "0":
-        data = {**asdict(result), "output_dir": str(result.output_dir)}  # NaN stays NaN (Python's json)
-        write_text(Path(spec["output_dir"]) / RESULT_FILE, json.dumps(data, indent=1))
+        try:
+            result = train(
+                PolicyConfig.from_dict(spec["policy"]), TrainConfig(**spec["train"]), spec["store"],
+                spec["train_ids"], spec["val_ids"], spec["output_dir"],
+                compute=plan_compute(spec["device"], spec["precision"], spec["batch_size"]), log=log,
+            )
+        except Exception as error:
+            failure.write_text(f"{type(error).__name__}: {error}\n")
+            traceback.print_exc()
+            return 1
+        if pipes is not None:
+            pipes.report_custom_message(_report(result))
     return 0
 
 

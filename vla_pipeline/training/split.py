@@ -17,14 +17,14 @@ from dataclasses import dataclass, field, replace
 
 import xxhash
 
-from ..data.schema import parse_scenario
+from ..data.schema import scenario_group
 from ..data.stats import ActionStats
 from ..data.store import WindowStore
 
 TRAIN, VAL = "train", "val"
 UNKNOWN = "unknown"
 SPLIT_FILE = "split.json"  # beside the episodes in the store; zarr ignores it
-OTHER_SCENARIOS = ""  # the group of a side's episodes whose scenario group is too small
+SMALL_GROUPS = ""  # where a side's episodes go whose scenario group is too small to stratify
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,7 @@ class EpisodeEntry:
 
     @property
     def scenario_group(self) -> str | None:
-        """Boxes, layout and side: the obstacle course itself. Pattern, distance and basket
-        vary the same course, and grouping by them would leave most groups too small."""
-        scenario = parse_scenario(self.scenario) if self.scenario else None
-        return f"{scenario.boxes}_{scenario.layout}_{scenario.side}" if scenario else None
+        return scenario_group(self.scenario)
 
 
 @dataclass
@@ -139,7 +136,7 @@ def _assign_side(
     groups: dict[str, list[str]] = defaultdict(list)
     for entry in entries:
         large = entry.scenario_group is not None and group_sizes[entry.scenario_group] >= min_stratum
-        groups[entry.scenario_group if large else OTHER_SCENARIOS].append(entry.episode_id)
+        groups[entry.scenario_group if large else SMALL_GROUPS].append(entry.episode_id)
 
     share = {key: round(val_fraction * len(ids), 9) for key, ids in groups.items()}  # 9: float noise
     # A group of 2 or more always keeps one episode for train.

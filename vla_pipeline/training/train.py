@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,17 +22,17 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from transformers import get_cosine_schedule_with_warmup
 
-from .autobatch import DEFAULT_MARGIN, cache_key, largest_fitting_batch, memory_fits, plan_batch
-from .checkpoint import PICKLED_STATE, has_checkpoint, load_checkpoint, publish_policy, save_checkpoint
-from .compute import ComputePlan, plan_compute
-from ..policy.model import build_policy, trainable_parameters
-from ..policy.policy_config import ACTION_STATS_FILE, PolicyConfig
 from ..data.schema import ACTION_DIMS
 from ..data.store import WindowStore
+from ..policy.model import build_policy, trainable_parameters
+from ..policy.policy_config import ACTION_STATS_FILE, PolicyConfig
+from .autobatch import batch_split
+from .checkpoint import PICKLED_STATE, has_checkpoint, load_checkpoint, publish_policy, save_checkpoint
+from .compute import ComputePlan, half_dtype, plan_compute
+from .train_config import TrainConfig
 from .windows import WindowDataset, make_loader
 
 CHECKPOINT = "checkpoint"
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WARMUP_STEPS = 3  # optimizer steps left out of the steady-state windows/s (allocation, autotuning)
 
 
@@ -42,54 +42,6 @@ def keep_trained_in_fp32(policy: torch.nn.Module) -> torch.nn.Module:
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     return policy
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 2
-    grad_accum: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 10
-    grad_clip: float = 1.0
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 50  # optimizer steps
-    max_steps: int | None = None
-    loader_workers: int = 0
-    mirror_prob: float = 0.5
-    colour_jitter: float = 0.1
-    # Which epoch's policy is kept: "best" validation loss, or the "last" one (with few validation
-    # episodes their loss is noisy, while a cosine schedule ends on a settled model).
-    keep: str = "best"
-
-    def __post_init__(self) -> None:
-        if self.keep not in ("best", "last"):
-            raise ValueError(f"keep must be 'best' or 'last', not {self.keep!r}")
-
-    @classmethod
-    def small(cls, **overrides) -> TrainConfig:
-        """Training for `PolicyConfig.small()` on a CPU (benchmarks/learning.py): a high lr for a
-        small model trained from scratch, 60 warm-up steps, the last epoch's policy kept."""
-        values = dict(epochs=20, batch_size=8, grad_accum=1, lr=2e-3, warmup_steps=60, keep="last")
-        values.update(overrides)
-        return cls(**values)
-
-
-def describe_setup(policy: PolicyConfig, train: TrainConfig) -> str:
-    """What trains and how, in one line for the run log and MLflow."""
-    if policy.lora_enable:
-        what = f"LoRA r{policy.lora_r} ({policy.lora_targets}) on a frozen backbone"
-    elif policy.freeze_backbone:
-        what = "frozen backbone"
-    else:
-        what = "the whole backbone, from its initial weights"
-    head = f"{policy.action_head} head" + (f" ({policy.action_decode})" if policy.action_head == "classification" else "")
-    extras = f", side probe ×{policy.side_loss_weight}" if policy.side_loss_weight else ""
-    return (f"{what}; {head}{extras}; window {policy.window}, chunk {policy.chunk}; {train.epochs} epochs, "
-            f"batch {train.batch_size} × {train.grad_accum}, lr {train.lr:g}, warm-up {train.warmup_steps} steps"
-            + (" (the CPU preset's own setup, not the full-size default)" if policy.preset == "small" else ""))
 
 
 @dataclass
@@ -134,52 +86,6 @@ def evaluate_loss(policy, loader, accelerator: Accelerator) -> float:
     return total / max(count, 1)
 
 
-def synthetic_batch(config: PolicyConfig, size: int, instruction: str = "Navigate around the obstacle "
-                    "on the left side and reach the cup") -> dict:
-    """`size` windows of random frames and actions, shaped as the loader's (for the batch probe)."""
-    from ..data.schema import IMAGE_SIZE
-
-    generator = torch.Generator().manual_seed(size)
-    shape = (size, config.window, IMAGE_SIZE, IMAGE_SIZE, 3)
-    return {
-        "images": torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator),
-        "instructions": [instruction] * size,
-        "actions": torch.randint(-1, 2, (size, config.window, config.chunk, len(ACTION_DIMS)),
-                                 generator=generator).float(),
-        "action_mask": torch.ones(size, config.window, config.chunk, dtype=torch.bool),
-        "sides": ["left"] * size,
-    }
-
-
-def probe_largest_batch(policy: torch.nn.Module, policy_config: PolicyConfig, precision: str,
-                        margin: float = DEFAULT_MARGIN) -> int:
-    """The largest per-step batch of windows whose training step (forward, backward, AdamW) on
-    this GPU peaks below `1 - margin` of its memory. Changes no weight (lr 0)."""
-    device = torch.device("cuda", torch.cuda.current_device())
-    policy.to(device)
-    trained = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=0.0, weight_decay=0.0, fused=True)
-
-    def step(size: int) -> None:
-        with torch.autocast("cuda", dtype=HALF.get(precision, torch.float32), enabled=precision in HALF):
-            loss, _ = policy(synthetic_batch(policy_config, size))
-        loss.backward()
-        optimizer.step()
-
-    def reset() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        optimizer.state.clear()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-    total = torch.cuda.get_device_properties(device).total_memory
-    fits = memory_fits(step, lambda: torch.cuda.max_memory_allocated(device), reset, int((1 - margin) * total))
-    try:
-        return largest_fitting_batch(fits)
-    finally:
-        reset()
-
-
 def train(
     policy_config: PolicyConfig,
     config: TrainConfig,
@@ -200,17 +106,9 @@ def train(
 
     # Frozen weights in the compute precision (half the memory on a GPU); what trains keeps fp32
     # master weights, which the optimizer updates (autocast runs the matmuls in half precision).
-    policy = keep_trained_in_fp32(build_policy(policy_config, dtype=HALF.get(compute.precision)))
+    policy = keep_trained_in_fp32(build_policy(policy_config, dtype=half_dtype(compute.precision)))
     counts = trainable_parameters(policy)
-    per_step, accumulation, batch_note = config.batch_size, config.grad_accum, None
-    if compute.auto_batch and compute.device == "cuda":
-        key = cache_key(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory,
-                        policy_config.to_dict(), compute.precision, DEFAULT_MARGIN)
-        plan = plan_batch(config.batch_size * config.grad_accum, key,
-                          lambda: probe_largest_batch(policy, policy_config, compute.precision))
-        per_step, accumulation, batch_note = plan.per_step, plan.grad_accum, plan.note
-    elif compute.auto_batch:
-        batch_note = f"batch auto: no GPU to probe, keeping {per_step} × {accumulation} accumulation"
+    per_step, accumulation, batch_note = batch_split(policy, policy_config, config, compute)
 
     accelerator = Accelerator(
         cpu=compute.device == "cpu",
@@ -294,16 +192,13 @@ def train(
     if cuda:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     policy.train()
-    # Steady state: the windows and seconds of optimizer steps after the warm-up ones, between
-    # steps only (validation passes and checkpoints are not training time).
-    window_count, clock, steady, recent = 0, time.perf_counter(), [0, 0.0], [0, 0.0]
-    step_windows, since = 0, None
+    rates = Throughput(resumed_from)
     while epoch < config.epochs and step < total_steps:
         train_set.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         running, seen = 0.0, 0
         epoch_loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
-        since = None if step - resumed_from < WARMUP_STEPS else time.perf_counter()
+        rates.resume_timing(step)
         for batch in epoch_loader:
             with accelerator.accumulate(policy):
                 loss, _ = policy(_to_model_batch(batch))
@@ -317,22 +212,14 @@ def train(
             batches_done += 1
             running += float(loss.detach())
             seen += 1
-            window_count += len(batch["instruction"]) * processes
-            step_windows += len(batch["instruction"]) * processes
+            rates.add(len(batch["instruction"]) * processes)
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            now = time.perf_counter()
-            if step - resumed_from > WARMUP_STEPS and since is not None:
-                for rate in (steady, recent):  # the run's and the last log interval's
-                    rate[0], rate[1] = rate[0] + step_windows, rate[1] + now - since
-            if step - resumed_from >= WARMUP_STEPS:
-                since = now
-            step_windows = 0
+            rates.step_done(step)
             if step % config.log_every == 0 or step == total_steps:
                 log(f"step {step}/{total_steps}  loss {running / seen:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
-                    f"{throughput(window_count, clock, recent)}" + (f"  peak {peak_gib(accelerator):.1f} GiB" if cuda else ""))
-                recent = [0, 0.0]
+                    f"{rates.since_last_line()}" + (f"  peak {peak_gib(accelerator):.1f} GiB" if cuda else ""))
             if step % config.checkpoint_every == 0:
                 checkpoint_now()
             if step >= total_steps:
@@ -351,13 +238,13 @@ def train(
         epoch, batches_done = epoch + 1, 0
         checkpoint_now()
 
-    steady_rate = steady[0] / steady[1] if steady[1] > 0 else math.nan
+    steady_rate = rates.steady_rate()
     peak = peak_gib(accelerator) if cuda else math.nan
     log(f"trained {step - resumed_from} steps in {time.perf_counter() - started:.0f} s"
-        + (f": {steady_rate:.1f} windows/s on average after the warm-up steps" if steady[1] > 0 else ""))
+        + (f": {steady_rate:.1f} windows/s on average after the warm-up steps" if math.isfinite(steady_rate) else ""))
     if main:
         (output_dir / "training.json").write_text(json.dumps(
-            {"train_config": asdict(config), "history": history, "steps": step, "processes": processes,
+            {"train_config": config.model_dump(), "history": history, "steps": step, "processes": processes,
              "batch": [per_step, accumulation], "steady_windows_per_s": steady_rate,
              "peak_memory_gib": peak}, indent=1))
     accelerator.wait_for_everyone()
@@ -379,12 +266,44 @@ def train(
     )
 
 
-def throughput(windows: int, clock: float, recent: list) -> str:
-    """Windows/s of every process together: over the steps since the last log line once the
-    warm-up steps are done, before that since the start."""
-    if recent[1] > 0:
-        return f"{recent[0] / recent[1]:.1f} windows/s"
-    return f"{windows / (time.perf_counter() - clock):.1f} windows/s (warming up)"
+class Throughput:
+    """Windows/s of every process together, counted between optimizer steps only (validation
+    passes and checkpoints are not training time) and from the (WARMUP_STEPS + 1)-th step of this
+    run on: over the whole run (`steady_rate`) and since the last progress line."""
+
+    def __init__(self, resumed_from: int):
+        self.resumed_from, self.started = resumed_from, time.perf_counter()
+        self.windows = 0  # every window since the start, the warm-up ones included
+        self.step_windows = 0  # windows of the optimizer step under way
+        self.since: float | None = None  # when the step under way began; None: not timed
+        self.steady, self.recent = [0, 0.0], [0, 0.0]  # [windows, seconds]
+
+    def resume_timing(self, step: int) -> None:
+        """At an epoch's start: what ran since the last step (validation, checkpoint) is not counted."""
+        self.since = time.perf_counter() if step - self.resumed_from >= WARMUP_STEPS else None
+
+    def add(self, windows: int) -> None:
+        self.windows += windows
+        self.step_windows += windows
+
+    def step_done(self, step: int) -> None:
+        now = time.perf_counter()
+        if step - self.resumed_from > WARMUP_STEPS and self.since is not None:
+            for rate in (self.steady, self.recent):
+                rate[0], rate[1] = rate[0] + self.step_windows, rate[1] + now - self.since
+        if step - self.resumed_from >= WARMUP_STEPS:
+            self.since = now
+        self.step_windows = 0
+
+    def since_last_line(self) -> str:
+        windows, seconds = self.recent
+        self.recent = [0, 0.0]
+        if seconds > 0:
+            return f"{windows / seconds:.1f} windows/s"
+        return f"{self.windows / (time.perf_counter() - self.started):.1f} windows/s (warming up)"
+
+    def steady_rate(self) -> float:
+        return self.steady[0] / self.steady[1] if self.steady[1] > 0 else math.nan
 
 
 def peak_gib(accelerator: Accelerator) -> float:

@@ -26,33 +26,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.episodes import ValidationRules, inspect_episode, model_frame
+from ..data.episodes import ValidationRules, inspect_episode
+from ..data.frames import model_frame
 from ..policy.preprocess import normalise_actions
-from ..data.schema import ACTION_SCALE, IMAGE_SIZE, window_starts
+from ..data.schema import ACTION_SCALE, IMAGE_SIZE, OTHER_SIDE, commanded, mirror_instruction, window_starts
 from ..data.store import WindowStore, is_url
 
-_SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-_OTHER_SIDE = {"left": "right", "right": "left"}
 _GREY = np.array([0.299, 0.587, 0.114], np.float32)
-
-
-def mirror_instruction(text: str) -> str:
-    """Swap the whole words 'left' and 'right', keeping their case ('Left' → 'Right')."""
-
-    def swap(match: re.Match) -> str:
-        word = match.group(0)
-        other = _OTHER_SIDE[word.lower()]
-        if word.isupper():
-            return other.upper()
-        return other.capitalize() if word[0].isupper() else other
-
-    return _SIDE_WORD.sub(swap, text)
-
-
-def commanded(event_types) -> np.ndarray:
-    """Which recorded steps are commands: all but the `episode_start` frame, whose zero action
-    is no key press (its image is the one the first key press is taken from)."""
-    return np.array([str(event) != "episode_start" for event in event_types], bool)
 
 
 def action_chunks(raw: np.ndarray, window: int, chunk: int, scale: float,
@@ -159,7 +139,7 @@ class WindowDataset(Dataset):
                 raw = np.array(raw, np.float32)
                 raw[:, 1] = 0.0 - raw[:, 1]  # 0.0 - x: no -0.0 for a zero linear_y
                 instruction = mirror_instruction(instruction)
-                side = _OTHER_SIDE.get(side, side)
+                side = OTHER_SIDE.get(side, side)
         return _item(frames, raw, is_command, W, C, self.action_scale, instruction, episode_id, start, side)
 
 

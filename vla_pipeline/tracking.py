@@ -12,6 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+from .settings import settings
+
 DEFAULT_EXPERIMENT = "mobile-vla"
 MLRUNS = Path("mlruns")
 RUN_ID_FILE = "mlflow_run_id"  # in a lora_adapter output folder, beside policy/
@@ -27,8 +29,8 @@ def artifact_root(uri: str) -> str | None:
     stores artifacts at: file://, s3://, gs://, …); else, for a sqlite store, an `artifacts`
     folder beside the database (MLflow's own default is ./mlruns under the working directory,
     wherever the database is). Otherwise the store (a tracking server) chooses."""
-    if os.environ.get("VLA_ARTIFACT_ROOT"):
-        return os.environ["VLA_ARTIFACT_ROOT"]
+    if settings().artifact_root:
+        return settings().artifact_root
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
