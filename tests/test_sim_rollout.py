@@ -119,3 +119,12 @@ def test_vector_envs_give_the_serial_results():
     for a, b in zip(serial, parallel):
         assert len(a.frames) == a.presses + 1 and all(np.array_equal(x, y) for x, y in zip(a.frames, b.frames))
     assert sorted(finished) == list(range(7))
+
+
+def test_the_baselines_drive_the_same_with_the_camera_off(baselines):
+    """run_baselines renders no frame (the drivers never look); a rendered run ends the same."""
+    rendered = run_rollouts(ScriptedGuide, plan(12, 0), envs=1, env_kwargs={**SMALL, "camera": True}, keep_frames=True)
+    assert [r.to_dict() for r in rendered] == [r.to_dict() for r in baselines["scripted_guide"]]
+    assert rendered[0].frames[1].any()  # the rendered run did draw
+    dark = run_rollouts(ScriptedGuide, plan(2, 0), envs=1, env_kwargs={**SMALL, "camera": False}, keep_frames=True)
+    assert not any(frame.any() for frame in dark[0].frames)

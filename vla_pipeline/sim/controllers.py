@@ -28,6 +28,8 @@ def key_action(key: str) -> np.ndarray:
 class KeyScript:
     """Plays a key sequence, one key per press, then holds W (towards the goal) for good."""
 
+    needs_image = False  # it never looks: its rollouts can run with the camera off
+
     def __init__(self):
         self.keys, self.presses = "", 0
 

@@ -71,7 +71,7 @@ class Episode:
     scenario: Scenario
     target: str
     scene: Scene
-    renderer: Renderer
+    renderer: Renderer | None  # None: the camera is off (a driver that never looks)
     frame: np.ndarray
     shortest_path: float
     pose: Point = (0.0, 0.0)
@@ -98,12 +98,15 @@ class BoxNavEnv(gymnasium.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 1 / PRESS_SECONDS}
 
     def __init__(self, render_mode: str | None = None, height: int = 720, width: int = 1280,
-                 max_presses: int = MAX_PRESSES):
+                 max_presses: int = MAX_PRESSES, camera: bool = True):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode={render_mode!r}: expected None or 'rgb_array'")
         if max_presses < 1:
             raise ValueError(f"max_presses={max_presses}: expected at least 1")
         self.render_mode, self.height, self.width, self.max_presses = render_mode, height, width, max_presses
+        # camera=False: black frames, nothing rendered, for drivers that never look (the baselines).
+        # The scene and every move are the same: rendering only draws the frames' own noise.
+        self.black = None if camera else np.zeros((height, width, 3), np.uint8)
         self.observation_space = spaces.Dict({
             "image": spaces.Box(0, 255, (height, width, 3), np.uint8),
             "instruction": spaces.Text(max_length=128, min_length=1, charset=INSTRUCTION_CHARSET),
@@ -126,8 +129,9 @@ class BoxNavEnv(gymnasium.Env):
             raise ValueError(f"options['target'] = {target!r}: expected one of {', '.join(TARGETS)}")
         # The scene of a scripted episode of this scenario, drawn as the operator draws it.
         scene = build_scene(scenario, target, core_goal_x(scenario.distance), self.np_random)
-        renderer = Renderer(scene, self.np_random, self.height, self.width)
-        self.episode = Episode(scenario, target, scene, renderer, frame=renderer.frame(0.0, 0.0),
+        renderer = Renderer(scene, self.np_random, self.height, self.width) if self.black is None else None
+        self.episode = Episode(scenario, target, scene, renderer,
+                               frame=renderer.frame(0.0, 0.0) if renderer else self.black,
                                shortest_path=shortest_path((0.0, 0.0), scene.target_xy, SUCCESS_RADIUS,
                                                            scene.footprint, scenario.side))
         return self._observation(), self._info()
@@ -154,7 +158,7 @@ class BoxNavEnv(gymnasium.Env):
         episode.path_length += math.dist(episode.pose, positions[-1])
         episode.pose = positions[-1]
         episode.path.append(episode.pose)
-        episode.frame = episode.renderer.frame(*episode.pose)
+        episode.frame = episode.renderer.frame(*episode.pose) if episode.renderer else self.black
         episode.outcome, episode.reason = self._judge(touched)
         reward = 1.0 if episode.outcome == "success" else 0.0
         return self._observation(), reward, self._terminated(), self._truncated(), self._info()

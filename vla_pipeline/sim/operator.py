@@ -6,6 +6,10 @@ target and floor move consistently with the recorded actions.
 """
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable
@@ -131,14 +135,19 @@ def write_episode(path: Path, *, scenario: str, keys: str, rng: np.random.Genera
 
 
 def write_sample_episodes(out_dir: str | Path, n: int, seed: int = 0, *, height: int = 720,
-                          width: int = 1280, progress: Callable[[str], None] | None = None) -> list[Path]:
-    """Write `n` episodes; the last ~1 in 6 are the later basket era in the observations layout."""
+                          width: int = 1280, progress: Callable[[str], None] | None = None,
+                          workers: int | None = None) -> list[Path]:
+    """Write `n` episodes; the last ~1 in 6 are the later basket era in the observations layout.
+
+    Every episode is planned here, in order, then rendered and written by `workers` processes
+    (default: every CPU for camera-size frames, this process alone for small test frames); each
+    episode draws from its own generator, so the files are the same whatever the count."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     n_basket = (n + 2) // 6
     clock = datetime(2025, 6, 14, 9, 12, 5)
-    paths = []
+    jobs = []
     for i in range(n):
         basket_era = i >= n - n_basket
         if basket_era:
@@ -160,14 +169,29 @@ def write_sample_episodes(out_dir: str | Path, n: int, seed: int = 0, *, height:
             instruction = INSTRUCTION_TEMPLATE.format(side=side, target="basket")
         elif i % 3 == 1:
             instruction = INSTRUCTION_TEMPLATE.format(side=side, target="bottle" if rng.random() < 0.3 else "cup")
-        path = write_episode(out_dir / episode_filename(clock, scenario, basket_era), scenario=scenario,
-                             keys=keys, rng=episode_rng, layout="observations" if basket_era else "legacy",
-                             instruction=instruction, basket_era=basket_era, height=height, width=width,
-                             when=clock)
-        paths.append(path)
-        if progress is not None:
-            progress(f"wrote {path.name} ({len(keys) + 1} frames)")
+        jobs.append(dict(path=out_dir / episode_filename(clock, scenario, basket_era), scenario=scenario,
+                         keys=keys, rng=episode_rng, layout="observations" if basket_era else "legacy",
+                         instruction=instruction, basket_era=basket_era, height=height, width=width, when=clock))
         clock += timedelta(minutes=int(rng.integers(3, 75)), seconds=int(rng.integers(0, 60)))
         if clock.hour >= 19:  # collection stops for the day
             clock = (clock + timedelta(days=1)).replace(hour=9, minute=int(rng.integers(0, 60)))
+    if workers is None:
+        workers = (os.cpu_count() or 1) if height * width >= 640 * 360 else 1
+    paths = []
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(jobs) > 1:
+            # forkserver, never fork: a forked child inherits OpenCV's thread-pool locks as they are
+            context = multiprocessing.get_context("forkserver")
+            written = stack.enter_context(ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context)).map(
+                _write_job, jobs)
+        else:
+            written = map(_write_job, jobs)
+        for job, path in zip(jobs, written):
+            paths.append(path)
+            if progress is not None:
+                progress(f"wrote {path.name} ({len(job['keys']) + 1} frames)")
     return paths
+
+
+def _write_job(job: dict) -> Path:
+    return write_episode(**job)
