@@ -125,7 +125,7 @@ def _pipes_launch(context: dg.AssetExecutionContext):
     """Several training processes through torchrun, launched and heard through Dagster Pipes:
     the main process's log lines reach the run log, its TrainResult the asset."""
 
-    def launch(spec: Path, processes: int, log) -> "TrainResult":
+    def launch(spec: Path, processes: int, log):
         from vla_pipeline.training.launch import failure_reasons, launch_command, result_from_report
 
         for stale in output_dir_of(spec).glob("failed-rank*.txt"):

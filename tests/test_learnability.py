@@ -16,7 +16,6 @@ flip together) or cutting the instruction off the action token makes it fail.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

@@ -17,7 +17,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
-import re
 from pathlib import Path
 
 import cv2
