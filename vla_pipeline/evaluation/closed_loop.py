@@ -110,7 +110,9 @@ def closed_loop(policy: StreamingPolicy, episodes: int = DEFAULT_EPISODES, seed:
     rates = summarise(results)
     log(f"closed loop: policy success {rates['success_rate']:.2f}, SPL {rates['spl']:.2f}, "
         f"collisions {rates['collision_rate']:.2f}, wrong side {rates['wrong_side_rate']:.2f}")
-    others = run_baselines(rollouts, envs=envs, env_kwargs=env_kwargs) if baselines else {}
+    # The baselines never look, so their envs render nothing: stepping them here, in this process,
+    # costs less than starting worker processes for them.
+    others = run_baselines(rollouts, envs=1, env_kwargs=env_kwargs) if baselines else {}
     if others:
         log("closed loop, same scenes: " + ", ".join(f"{name} {summarise(found)['success_rate']:.2f}"
                                                      for name, found in others.items()))
