@@ -16,12 +16,22 @@ from vla_pipeline.data.episodes import ValidationRules
 from vla_pipeline.data.ingest import episode_files, ingest_episode, ingest_episodes, is_up_to_date
 from vla_pipeline.data.stats import ActionStats
 from vla_pipeline.data import store as store_module
-from vla_pipeline.data.store import StoreError, WindowStore
+from vla_pipeline.data.store import FRAMES_PER_CHUNK, StoreError, WindowStore
 
 
 @pytest.fixture
 def store(tmp_path) -> WindowStore:
     return WindowStore(tmp_path / "store.zarr").create(224)
+
+
+@pytest.mark.parametrize("frames", [1, 18, 19])
+def test_frames_read_back_whole_and_in_windows_for_any_chunk_fit(store, frames):
+    images = np.random.default_rng(frames).integers(0, 256, (frames, 224, 224, 3), dtype=np.uint8)
+    store.write_episode("e", images, np.zeros((frames, 2)), ["start_action"] * frames, {})
+    stored = store.open_episode("e")["images"]
+    np.testing.assert_array_equal(stored[:], images)
+    for start in range(0, frames, 3):
+        np.testing.assert_array_equal(stored[start : start + 8], images[start : start + 8])
 
 
 def test_stored_episode_layout(episode_dir, store):
@@ -30,7 +40,8 @@ def test_stored_episode_layout(episode_dir, store):
     assert outcome.status == "stored"
     group = store.open_episode(GOOD_NAME)
     assert group["images"].shape == (20, 224, 224, 3) and group["images"].dtype == np.uint8
-    assert group["images"].chunks == (1, 224, 224, 3)
+    assert group["images"].chunks == (FRAMES_PER_CHUNK, 224, 224, 3)  # 20 frames: five chunks, one shard
+    assert group["images"].shards == (20, 224, 224, 3)
     assert group["actions"].shape == (20, 2) and group["actions"].dtype == np.float32
     assert group["event_types"][:].tolist()[:2] == ["episode_start", "start_action"]
     attrs = group.attrs

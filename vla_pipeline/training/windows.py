@@ -116,7 +116,8 @@ class WindowDataset(Dataset):
             self._arrays, self._pid = {}, os.getpid()
         if episode_id not in self._arrays:
             group = WindowStore(self.store_path).open_episode(episode_id)
-            self._arrays[episode_id] = (group["images"], group["actions"], commanded(group["event_types"][:]))
+            # Actions and events are a few bytes a frame: read once, they cost no store read per item.
+            self._arrays[episode_id] = (group["images"], group["actions"][:], commanded(group["event_types"][:]))
         return self._arrays[episode_id]
 
     def __getitem__(self, index: int) -> dict:
