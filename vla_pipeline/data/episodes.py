@@ -226,9 +226,7 @@ def _read_header(path: Path, h5: h5py.File, rules: ValidationRules, digest: str)
 
 def _text_attr(h5: h5py.File, name: str) -> str | None:
     value = h5.attrs.get(name)
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return value if isinstance(value, str) and value else None
+    return (_text(value) or None) if isinstance(value, str | bytes | np.bytes_) else None
 
 
 def _read_actions(path: Path, h5: h5py.File, num_frames: int, rules: ValidationRules) -> np.ndarray:
