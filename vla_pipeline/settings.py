@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     episodes_dir: Path = Field(Path("data/episodes"), description="drop folder of HDF5 episodes")
     store: str = Field("data/store.zarr", description="the Zarr window store: a folder, or an fsspec URL to read")
     models: Path = Field(Path("data/models"), description="training output folders (lora-<fingerprint>/)")
-    model: str | None = Field(None, description="backbone: tiny (the CPU preset), a hub id or a save_pretrained "
+    model: str | None = Field(None, description="backbone: cpu (the CPU preset), a hub id or a save_pretrained "
                                                 "folder; unset: microsoft/kosmos-2-patch14-224")
     registered_model: str | None = Field(None, description="the registered model's name; unset: mobile-vla")
     retrain_cron: str = Field("0 2 * * *", description="when retrain_schedule looks for new data (UTC)")

@@ -29,8 +29,8 @@ def artifact_root(uri: str) -> str | None:
     stores artifacts at: file://, s3://, gs://, …); else, for a sqlite store, an `artifacts`
     folder beside the database (MLflow's own default is ./mlruns under the working directory,
     wherever the database is). Otherwise the store (a tracking server) chooses."""
-    if settings().artifact_root:
-        return settings().artifact_root
+    if root := settings().artifact_root:
+        return root
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
