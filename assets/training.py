@@ -21,7 +21,6 @@ from vla_pipeline.training.split import (Split, load_split, save_split, split_fr
                                          train_action_stats)
 from vla_pipeline.settings import settings
 from vla_pipeline.tracking import run_link
-from vla_pipeline.training.launch import output_dir_of
 from vla_pipeline.training.train_config import TrainConfig
 
 
@@ -126,10 +125,9 @@ def _pipes_launch(context: dg.AssetExecutionContext):
     the main process's log lines reach the run log, its TrainResult the asset."""
 
     def launch(spec: Path, processes: int, log):
-        from vla_pipeline.training.launch import failure_reasons, launch_command, result_from_report
+        from vla_pipeline.training.launch import clear_failures, failure_reasons, launch_command, result_from_report
 
-        for stale in output_dir_of(spec).glob("failed-rank*.txt"):
-            stale.unlink()
+        clear_failures(spec)
         command = launch_command(spec, processes)
         log(f"launching {processes} training processes through Dagster Pipes: {' '.join(command[1:])}")
         # One CPU thread per process unless set: the processes share the machine's cores.

@@ -50,6 +50,12 @@ def output_dir_of(spec: Path) -> Path:
     return Path(json.loads(Path(spec).read_text())["output_dir"])
 
 
+def clear_failures(spec: Path) -> None:
+    """Forget the failures of an earlier launch of `spec` (before launching it again)."""
+    for path in output_dir_of(spec).glob(FAILURE_FILE.format(rank="*")):
+        path.unlink(missing_ok=True)
+
+
 def failure_reasons(spec: Path) -> list[str]:
     """`rank N: Type: message` for every process of the last launch of `spec` that failed."""
     return [f"rank {path.stem.removeprefix('failed-rank')}: {path.read_text().strip()}"
