@@ -78,7 +78,7 @@ def closed_loop_metrics(
 
     import mlflow
 
-    from vla_pipeline.evaluation.closed_loop import closed_loop
+    from vla_pipeline.evaluation.closed_loop import CAMERAS, closed_loop
     from vla_pipeline.policy.model import load_policy_dir
     from vla_pipeline.policy.serving import StreamingPolicy
     from vla_pipeline.sim.report import paths_figure
@@ -87,7 +87,7 @@ def closed_loop_metrics(
     out_dir = Path(lora_adapter).parent / "closed_loop"
     video_dir = Path(tempfile.mkdtemp(prefix="closed-loop-videos-", dir=out_dir.parent))
     report = closed_loop(policy, config.episodes, config.seed, config.envs,
-                         env_kwargs={"height": 180, "width": 320} if config.camera == "small" else None,
+                         env_kwargs=CAMERAS[config.camera],
                          video_dir=video_dir, log=context.log.info)
     summary, numbers = report.summary, report.headline()
     out_dir.mkdir(exist_ok=True)

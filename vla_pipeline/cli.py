@@ -212,7 +212,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_rollout(args) -> int:
-    from .evaluation.closed_loop import WORLDS, closed_loop
+    from .evaluation.closed_loop import CAMERAS, WORLDS, closed_loop
     from .sim.env import scenario_from_token
 
     problem = None
@@ -248,7 +248,7 @@ def cmd_rollout(args) -> int:
                   f"{result.presses:>2} presses  {result.reason or ''}", flush=True)
 
     report = closed_loop(policy, args.episodes, args.seed, args.envs,
-                         env_kwargs={"height": 180, "width": 320} if args.camera == "small" else None,
+                         env_kwargs=CAMERAS[args.camera],
                          video_dir=args.video, videos="all", baselines=not args.no_baselines, log=say,
                          on_result=shown, scenario=args.scenario)
     summary = report.summary

@@ -21,6 +21,8 @@ from ..sim.report import write_video
 from ..sim.rollout import RolloutResult, plan, run_baselines, run_rollouts, summarise
 
 DEFAULT_EPISODES = 48  # 4 rollouts in each of the 12 side × distance × boxes cells
+# The env's camera by name: the collector's 1280×720 frames, or small ones for quick looks.
+CAMERAS: dict[str, dict] = {"720p": {}, "small": {"height": 180, "width": 320}}
 # Where the store's episodes name this world as theirs (the `simulator` attribute the sample
 # episodes carry), the policy can be driven in it; other episodes (the robot's) have no world.
 WORLDS = (ENV_ID,)
