@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.atomic import write_text
-from ..data.schema import ACTION_DIMS, IMAGE_SIZE
+from ..data.schema import ACTION_DIMS, IMAGE_SIZE, INSTRUCTION_TEMPLATE
 from ..settings import settings
 
 DEFAULT_MARGIN = 0.15  # of the card's memory, left for fragmentation and the evaluation pass
@@ -123,8 +123,8 @@ def batch_split(policy, policy_config, train_config, compute) -> tuple[int, int,
     return plan.per_step, plan.grad_accum, plan.note
 
 
-def synthetic_batch(policy_config, size: int, instruction: str = "Navigate around the obstacle "
-                    "on the left side and reach the cup") -> dict:
+def synthetic_batch(policy_config, size: int,
+                    instruction: str = INSTRUCTION_TEMPLATE.format(side="left", target="cup")) -> dict:
     """`size` windows of random frames and actions, shaped as the loader's."""
     import torch
 
