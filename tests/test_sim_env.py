@@ -15,7 +15,7 @@ from gymnasium.utils.env_checker import check_env
 
 import vla_pipeline.sim
 from vla_pipeline.data.schema import ACTION_SCALE, KEY_ACTIONS
-from vla_pipeline.sim.env import ARENA_HALF_WIDTH, ENV_ID, SUCCESS_RADIUS
+from vla_pipeline.sim.env import ARENA_HALF_WIDTH, ENV_ID, MAX_PRESSES, SUCCESS_RADIUS, episode_generator
 from vla_pipeline.sim.geometry import ROBOT_RADIUS, SWEEP_STEP, shortest_path, taut_path
 from vla_pipeline.sim.operator import CORE_PRESSES, guide_keys, press_poses, write_episode
 
@@ -43,6 +43,40 @@ def test_registered_and_passes_gymnasiums_checker():
         check_env(env.unwrapped)
     observation, info = env.reset(seed=0)
     assert np.array_equal(env.render(), observation["image"][..., ::-1])  # render() is RGB
+    assert (env.metadata["observation_colour_order"], env.metadata["render_colour_order"]) == ("BGR", "RGB")
+
+
+def test_registered_with_its_press_limit():
+    assert gymnasium.spec(ENV_ID).max_episode_steps == MAX_PRESSES
+    env = gymnasium.make(ENV_ID, **SMALL, camera=False)
+    env.reset(seed=0)
+    _, _, terminated, truncated, info = press(env, " " * (MAX_PRESSES + 5))
+    assert truncated and not terminated and info["presses"] == MAX_PRESSES and info["outcome"] == "timeout"
+
+
+def test_a_vector_reset_gives_each_sub_env_the_scenario_of_its_seed():
+    env = small_env()
+    assert not hasattr(env, "queued_options")
+    plan = {5: "2box_vert_right_core_far", 6: "basket_1box_hori_left_core_close"}
+    for seed, token in plan.items():
+        _, info = env.reset(seed=seed, options={"scenario": plan})
+        assert info["scenario"] == token and info == env.reset(
+            seed=seed, options={"scenario": token})[1]
+    assert env.reset(seed=7, options={"scenario": plan})[1] == env.reset(seed=7)[1]  # no entry: from the seed
+
+
+def test_the_camera_leaves_every_later_reset_unchanged():
+    """The renderer draws from the episode's own generator: seeded or not, the next scenes are
+    the same with the camera off."""
+    scenes = []
+    for camera in (True, False):
+        env = small_env(camera=camera)
+        infos = [env.reset(seed=3)[1]]
+        for keys in ("w", "ww", " ", "a"):
+            press(env, keys)
+            infos.append(env.reset()[1])
+        scenes.append([(i["scenario"], i["obstacles"], i["target_xy"], i["target"]) for i in infos])
+    assert scenes[0] == scenes[1] and len({repr(scene) for scene in scenes[0]}) == len(scenes[0])
 
 
 def test_default_observation_is_a_collector_frame():
@@ -58,8 +92,10 @@ def test_the_env_draws_the_sample_episodes_scene_and_frames(tmp_path):
     """Same generator, same core scenario: the env's first frame is the recorded episode_start
     frame byte for byte, and the guide's presses walk the recorded poses."""
     keys = guide_keys("left", "close", "core", CORE_PRESSES)
+    # reset(seed=11) seeds the env's generator with 11; the episode draws from its own, seeded by it
     path = write_episode(tmp_path / "e.h5", scenario="1box_vert_left_core_close", keys=keys,
-                         rng=np.random.default_rng(11), basket_era=True, when=datetime(2025, 8, 20), **SMALL)
+                         rng=episode_generator(np.random.default_rng(11)), basket_era=True,
+                         when=datetime(2025, 8, 20), **SMALL)
     with h5py.File(path) as h5:
         recorded_start = h5["images"][0]
     env = small_env()

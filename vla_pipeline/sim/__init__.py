@@ -6,7 +6,7 @@ Importing it registers the environment as "vla_pipeline/BoxNav-v0" (gymnasium.ma
 
 import gymnasium
 
-from .env import ENV_ID
+from .env import ENV_ID, MAX_PRESSES
 
 if ENV_ID not in gymnasium.registry:  # a second import (or a reload) must not register twice
-    gymnasium.register(id=ENV_ID, entry_point="vla_pipeline.sim.env:BoxNavEnv")
+    gymnasium.register(id=ENV_ID, entry_point="vla_pipeline.sim.env:BoxNavEnv", max_episode_steps=MAX_PRESSES)

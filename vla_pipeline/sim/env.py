@@ -1,8 +1,16 @@
 """BoxNav: the sample episodes' room as a gymnasium environment, one step per key press.
 
-Observation: the camera frame as the collector records it (BGR uint8) and the instruction.
+Observation: the camera frame as the collector records it and the instruction.
 Action: (linear_x, linear_y) in robot units, applied as one key press: the base moves by
 action × PRESS_SECONDS, and the next frame is the one captured at the next press.
+
+Colour orders (also in `BoxNavEnv.metadata`): observations are **BGR**, as the robot's camera
+delivers them and the policy takes them; `render()` returns **RGB**, gymnasium's convention
+for "rgb_array", for video writers and viewers.
+
+An episode's scenario comes from `reset(options={"scenario": ...})`, else from the seed. Its
+scene and camera draw from a generator of their own, seeded from the env's: the env's own
+generator advances the same whether the camera renders or not.
 """
 from __future__ import annotations
 
@@ -43,6 +51,11 @@ def scenario_from_token(token) -> Scenario:
     if parsed is None or parsed.name != token:
         raise ValueError(f"options['scenario'] = {token!r} is not a scenario token: expected {SCENARIO_FORM}")
     return parsed
+
+
+def episode_generator(rng: np.random.Generator) -> np.random.Generator:
+    """The generator one episode's scene and camera draw from, seeded by one draw of `rng`."""
+    return np.random.default_rng(int(rng.integers(0, 2**63 - 1)))
 
 
 def draw_scenario(rng: np.random.Generator) -> Scenario:
@@ -90,12 +103,13 @@ class BoxNavEnv(gymnasium.Env):
     """Go round the obstacle on the instructed side and reach the target. Reward 1 on success.
 
     reset(options={"scenario": token, "target": "cup"|"bottle"|"basket"}); without a scenario
-    it is drawn from the seed. A vector env's reset hands one options dict to every sub-env,
-    so each can also be given its own through `queued_options` (set_attr), which the next
-    reset merges under its own options and then forgets.
+    it is drawn from the seed. A vector env's reset hands one options dict to every sub-env, so
+    `scenario` may also map seeds to tokens ({seed: token, ...}): each sub-env takes its own
+    seed's entry, and draws from the seed where its seed has none.
     """
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 1 / PRESS_SECONDS}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 1 / PRESS_SECONDS,
+                "observation_colour_order": "BGR", "render_colour_order": "RGB"}
 
     def __init__(self, render_mode: str | None = None, height: int = 720, width: int = 1280,
                  max_presses: int = MAX_PRESSES, camera: bool = True):
@@ -112,24 +126,25 @@ class BoxNavEnv(gymnasium.Env):
             "instruction": spaces.Text(max_length=128, min_length=1, charset=INSTRUCTION_CHARSET),
         })
         self.action_space = spaces.Box(-ACTION_SCALE, ACTION_SCALE, (2,), np.float32)
-        self.queued_options: dict | None = None
         self.episode: Episode | None = None
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        options = {**(self.queued_options or {}), **(options or {})}
-        self.queued_options = None
+        options = dict(options or {})
         unknown = sorted(set(options) - {"scenario", "target"})
         if unknown:
             raise ValueError(f"unknown reset options {unknown}: expected 'scenario' and/or 'target'")
-        scenario = (scenario_from_token(options["scenario"]) if "scenario" in options
-                    else draw_scenario(self.np_random))
+        token = options.get("scenario")
+        if isinstance(token, dict):  # a vector env's {seed: token}: this sub-env's own entry
+            token = token.get(seed)
+        scenario = scenario_from_token(token) if token is not None else draw_scenario(self.np_random)
         target = options.get("target", scenario.target)
         if target not in TARGETS:
             raise ValueError(f"options['target'] = {target!r}: expected one of {', '.join(TARGETS)}")
+        rng = episode_generator(self.np_random)
         # The scene of a scripted episode of this scenario, drawn as the operator draws it.
-        scene = build_scene(scenario, target, core_goal_x(scenario.distance), self.np_random)
-        renderer = Renderer(scene, self.np_random, self.height, self.width) if self.black is None else None
+        scene = build_scene(scenario, target, core_goal_x(scenario.distance), rng)
+        renderer = Renderer(scene, rng, self.height, self.width) if self.black is None else None
         self.episode = Episode(scenario, target, scene, renderer,
                                frame=renderer.frame(0.0, 0.0) if renderer else self.black,
                                shortest_path=shortest_path((0.0, 0.0), scene.target_xy, SUCCESS_RADIUS,
