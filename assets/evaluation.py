@@ -124,6 +124,10 @@ class RegistryConfig(dg.Config):
     min_closed_loop_success: float = Field(
         default=gate.DEFAULT_MIN_CLOSED_LOOP_SUCCESS, ge=0.0, le=1.0,
         description="where the data comes from a simulated world: the closed-loop success rate required")
+    min_closed_loop_rollouts: int = Field(
+        default=gate.DEFAULT_MIN_CLOSED_LOOP_ROLLOUTS, ge=1, description=(
+            "where the data comes from a simulated world: the fewest closed-loop rollouts (closed_loop_metrics' "
+            "episodes) whose success rate counts; from fewer, the version stays challenger"))
 
 
 def _version_tags(numbers: dict, split: Split, lora_adapter: str, snapshot: dict) -> dict[str, str]:
@@ -160,11 +164,11 @@ def registered_model(
 ) -> dg.Output:
     """A new version of the registered model (MLflow pyfunc whose artifact is the policy
     directory). It takes alias `champion` only if it beats the best constant baseline by
-    `min_accuracy_margin`, reaches the goal in `min_closed_loop_success` of its closed-loop
-    rollouts (where the data comes from a simulated world), and matches the current champion
-    re-evaluated on the same validation episodes; otherwise alias `challenger`, with the reason."""
-    import mlflow
-
+    `min_accuracy_margin`, reaches the goal in `min_closed_loop_success` of at least
+    `min_closed_loop_rollouts` closed-loop rollouts (where the data comes from a simulated world),
+    and matches the current champion re-evaluated on the same validation episodes; otherwise
+    alias `challenger`, with the reason. The same weights again re-gate their existing version,
+    which then holds only its new alias (a failing champion loses @champion)."""
     from vla_pipeline.evaluation import registry
     from vla_pipeline.evaluation.evaluate import headline
 
@@ -174,6 +178,7 @@ def registered_model(
     best = margin["best_accuracy_baseline"]
     fingerprint = Path(lora_adapter).parent.name
 
+    in_world = bool(closed_loop_metrics.get("env"))
     champion = registry.version_by_alias(config.model_name, gate.CHAMPION)
     champion_accuracy = None
     if champion is not None:
@@ -189,28 +194,19 @@ def registered_model(
         config.min_accuracy_margin, champion_accuracy, champion.version if champion else None,
         replay_accuracy=result["scripted_replay"]["first"]["direction_accuracy"]
         if config.require_beating_replay and result.get("scripted_replay") else None,
-        closed_loop_success=closed_loop_metrics["headline"]["closed_loop_success_rate"]
-        if closed_loop_metrics.get("env") else None,
+        closed_loop_success=closed_loop_metrics["headline"]["closed_loop_success_rate"] if in_world else None,
         min_closed_loop_success=config.min_closed_loop_success,
+        closed_loop_rollouts=closed_loop_metrics["headline"]["closed_loop_rollouts"] if in_world else None,
+        min_closed_loop_rollouts=config.min_closed_loop_rollouts,
     )
 
     store = window_store.open()
     hashes = {i: store.episode_attrs(i)["content_hash"] for i in split.train + split.val}
     tags = _version_tags(numbers, split, lora_adapter, data_snapshot(split.train, split.val, hashes))
     tags.update(_closed_loop_tags(closed_loop_metrics))
-    tags.update(promotion=decision.alias, promotion_reason=decision.reason)
     run_id, experiment = training_run_id(lora_adapter), experiment_id()
-    client = registry.client()
-    version = registry.version_with_tag(config.model_name, "training_fingerprint", fingerprint)
-    if version is None:
-        with mlflow.start_run(run_id=run_id, experiment_id=experiment):
-            info = registry.log_policy_model(lora_adapter)
-        version = registry.register_version(info, config.model_name, tags)
-    else:  # the same trained weights again: re-gate the existing version instead of duplicating it
-        context.log.info(f"{config.model_name} v{version.version} already holds this training; updating its gate")
-        for key, value in tags.items():
-            client.set_model_version_tag(config.model_name, version.version, key, value)
-    client.set_registered_model_alias(config.model_name, decision.alias, version.version)
+    version = registry.register_gated_version(config.model_name, lora_adapter, tags, decision, run_id, experiment,
+                                              context.log)
     context.log.info(f"{config.model_name} v{version.version} → @{decision.alias}: {decision.reason}")
     return dg.Output(
         {"name": config.model_name, "version": str(version.version), "alias": decision.alias,

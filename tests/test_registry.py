@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import cv2
@@ -19,7 +20,7 @@ from assets.evaluation import evaluation_metrics, registered_model
 from resources import ComputeResource, WindowStoreResource
 from vla_pipeline import cli
 from vla_pipeline.evaluation import registry
-from vla_pipeline.evaluation.gate import decide_promotion
+from vla_pipeline.evaluation.gate import PromotionDecision, decide_promotion
 from vla_pipeline.data.ingest import ingest_episodes
 from vla_pipeline.policy.model import build_policy, save_policy
 from vla_pipeline.policy.policy_config import PolicyConfig
@@ -46,12 +47,26 @@ def test_gate_needs_at_least_the_champion_on_the_same_validation_set():
 
 
 def test_gate_needs_the_closed_loop_floor_when_there_is_a_world():
-    below = decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=0.40, min_closed_loop_success=0.5)
+    below = decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=0.40, min_closed_loop_success=0.5,
+                             closed_loop_rollouts=48.0)
     assert below.alias == "challenger"
-    assert "closed-loop success 0.40, required at least 0.50: not met" in below.reason
-    assert decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=0.5, min_closed_loop_success=0.5).promoted
+    assert "closed-loop success 0.40 in 48 rollouts, required at least 0.50 in at least 24: not met" in below.reason
+    assert decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=0.5, min_closed_loop_success=0.5,
+                            closed_loop_rollouts=48.0).promoted
     assert decide_promotion(0.9, "zero", 0.2, 0.05).promoted  # no world (robot data): no closed-loop clause
     assert "closed-loop" not in decide_promotion(0.9, "zero", 0.2, 0.05).reason
+
+
+def test_gate_counts_no_closed_loop_success_from_too_few_rollouts():
+    lucky = decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=1.0, closed_loop_rollouts=1.0)
+    assert lucky.alias == "challenger"
+    assert lucky.reason.endswith("1 rollouts are fewer than the minimum 24, not counted as passed")
+    assert not decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=1.0, closed_loop_rollouts=23.0).promoted
+    assert decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=1.0, closed_loop_rollouts=24.0).promoted
+    assert decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=1.0, closed_loop_rollouts=4.0,
+                            min_closed_loop_rollouts=4).promoted
+    with pytest.raises(ValueError, match="without closed_loop_rollouts"):  # a rate alone cannot be weighed
+        decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +101,7 @@ def _policy_dir(env, name, tiny_backbone_path, constant=None):
     return str(directory)
 
 
-def _register(env, policy_dir, val_ids, min_margin):
+def _register(env, policy_dir, val_ids, min_margin, model_name=NAME, instance=None):
     split = {"train": [i for i in env["ids"] if i not in val_ids], "val": list(val_ids), "val_fraction": 0.4}
 
     @dg.asset(name="lora_adapter")
@@ -100,7 +115,8 @@ def _register(env, policy_dir, val_ids, min_margin):
     result = dg.materialize(
         [given_adapter, given_split, evaluation_metrics, closed_loop_metrics, registered_model],
         resources={"window_store": WindowStoreResource(path=str(env["store"])), "compute": ComputeResource()},
-        run_config={"ops": {"registered_model": {"config": {"model_name": NAME, "min_accuracy_margin": min_margin}}}},
+        run_config={"ops": {"registered_model": {"config": {"model_name": model_name, "min_accuracy_margin": min_margin}}}},
+        instance=instance,
     )
     assert result.success
     env.setdefault("evaluation_metadata", []).append(result.asset_materializations_for_node("evaluation_metrics")[0].metadata)
@@ -116,7 +132,8 @@ def registered(env, tiny_backbone_path):
     _, first, first_meta = _register(env, forward, env["ids"][:2], min_margin=-0.01)
     untrained = _policy_dir(env, "untrained", tiny_backbone_path)
     evaluation, second, second_meta = _register(env, untrained, env["ids"][:2] + env["ids"][4:], min_margin=0.05)
-    return {"first": (first, first_meta), "second": (second, second_meta, evaluation), "untrained": untrained}
+    return {"first": (first, first_meta), "second": (second, second_meta, evaluation), "untrained": untrained,
+            "forward": forward}
 
 
 def test_first_model_becomes_champion_and_is_logged_with_its_tags(registered):
@@ -170,6 +187,35 @@ def test_a_worse_model_never_becomes_champion(env, registered):
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == second["version"]
 
 
+def _gate_state(name: str) -> dict[str, tuple[str, ...]]:
+    """Each version's gate: (promotion tag, gate aliases it holds), by version number."""
+    client = registry.client()
+    holders = {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
+    return {str(v.version): (v.tags["promotion"], *sorted(a for a, held in holders.items() if held == str(v.version)))
+            for v in client.search_model_versions(f"name = '{name}'")}
+
+
+def test_a_regated_champion_that_fails_loses_champion(env, registered):
+    name = f"{NAME}-regated"  # its own model: the other tests rely on NAME's aliases
+    _, passed, _ = _register(env, registered["forward"], env["ids"][:2], min_margin=-0.01, model_name=name)
+    assert passed["alias"] == "champion" and _gate_state(name) == {"1": ("champion", "champion")}
+    instance = dg.DagsterInstance.ephemeral()
+    _, failed, failed_meta = _register(env, registered["forward"], env["ids"][:2], min_margin=0.5, model_name=name,
+                                       instance=instance)
+    assert failed["alias"] == "challenger" and failed["version"] == "1"  # the same weights: re-gated, not duplicated
+    assert "required more than +0.500: not met" in failed_meta["reason"].value
+    assert _gate_state(name) == {"1": ("challenger", "challenger")}  # no longer @champion as well
+    assert registry.version_by_alias(name, "champion") is None
+    run_id = instance.get_runs(limit=1)[0].run_id
+    warnings = [entry.user_message for entry in instance.all_logs(run_id) if entry.level >= logging.WARNING]
+    assert any("v1 lost @champion" in w and "no version holds @champion now" in w for w in warnings), warnings
+    # Passing again (the plain function, as the asset calls it), it takes @champion back and drops @challenger.
+    tags = dict(registry.client().get_model_version(name, "1").tags)
+    registry.register_gated_version(name, registered["forward"], tags, PromotionDecision("champion", "passes again"),
+                                    run_id=None, experiment_id=experiment_id())
+    assert _gate_state(name) == {"1": ("champion", "champion")}
+
+
 def test_load_policy_by_alias_streams_robot_units(env, registered):
     policy = registry.load_policy(f"models:/{NAME}@champion")
     assert str(policy.metadata["version"]) == "1"
@@ -177,6 +223,17 @@ def test_load_policy_by_alias_streams_robot_units(env, registered):
     policy.reset()
     actions = policy.step(frame, "Navigate around the obstacle on the left side and reach the cup")
     np.testing.assert_allclose(actions, [[1.15, 0.0]] * policy.config.chunk, rtol=1e-6)
+
+
+def test_registry_and_folder_policies_go_to_the_gpu_where_there_is_one(env, registered, monkeypatch):
+    from vla_pipeline.policy.model import MobileVLAPolicy
+
+    moved = []
+    monkeypatch.setattr(registry.serving, "default_device", lambda: "cuda")
+    monkeypatch.setattr(MobileVLAPolicy, "to", lambda self, device: moved.append(str(device)) or self)
+    policy = registry.load_policy(f"models:/{NAME}@champion", device=None)
+    registry.load_policy(registry.policy_directory(f"models:/{NAME}@champion")[0])
+    assert moved == ["cuda", "cuda"]
 
 
 def test_pyfunc_predict_streams_encoded_frames(env, registered):

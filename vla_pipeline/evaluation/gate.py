@@ -9,10 +9,14 @@ from dataclasses import dataclass
 
 DEFAULT_MODEL_NAME = "mobile-vla"
 CHAMPION, CHALLENGER = "champion", "challenger"
+GATE_ALIASES = (CHAMPION, CHALLENGER)  # a version holds at most one of them: its gate decision
 GATE_METRIC = "direction_accuracy_first"  # the command actually sent: first step of the chunk
 # Where the data comes from a simulated world, the policy must also reach the goal in that many of
 # its closed-loop rollouts there (measured: docs/evaluation.md, closed loop).
 DEFAULT_MIN_CLOSED_LOOP_SUCCESS = 0.5
+# A success rate from fewer rollouts is too noisy to promote on: one lucky rollout reads as 1.00.
+# 24 is two per side × distance × boxes cell (the default plan drives 48).
+DEFAULT_MIN_CLOSED_LOOP_ROLLOUTS = 24
 
 
 @dataclass(frozen=True)
@@ -35,12 +39,18 @@ def decide_promotion(
     replay_accuracy: float | None = None,
     closed_loop_success: float | None = None,
     min_closed_loop_success: float = DEFAULT_MIN_CLOSED_LOOP_SUCCESS,
+    closed_loop_rollouts: float | None = None,
+    min_closed_loop_rollouts: int = DEFAULT_MIN_CLOSED_LOOP_ROLLOUTS,
 ) -> PromotionDecision:
     """Champion only if the first-step direction accuracy beats the best constant baseline by
     more than `min_margin`, beats the scripted replay when `replay_accuracy` is given (the gate
     asks for it only when so configured), reaches the goal in at least `min_closed_loop_success`
-    of its closed-loop rollouts when `closed_loop_success` is given (data from a simulated world),
-    and is at least the current champion's on the same validation set."""
+    of at least `min_closed_loop_rollouts` closed-loop rollouts when `closed_loop_success` is
+    given (data from a simulated world; `closed_loop_rollouts` must come with it), and is at
+    least the current champion's on the same validation set."""
+    if closed_loop_success is not None and closed_loop_rollouts is None:
+        raise ValueError("decide_promotion: closed_loop_success was given without closed_loop_rollouts; "
+                         "pass how many rollouts the success rate comes from")
     margin = accuracy - baseline_accuracy
     against_baseline = (f"first-step direction accuracy {accuracy:.3f}, best constant baseline {best_baseline} "
                         f"{baseline_accuracy:.3f}: margin {margin:+.3f}, required more than {min_margin:+.3f}")
@@ -51,8 +61,12 @@ def decide_promotion(
         if not accuracy > replay_accuracy:
             return PromotionDecision(CHALLENGER, f"{against_baseline}: not beaten, as required")
     if closed_loop_success is not None:
-        against_baseline += (f"; closed-loop success {closed_loop_success:.2f}, "
-                             f"required at least {min_closed_loop_success:.2f}")
+        against_baseline += (f"; closed-loop success {closed_loop_success:.2f} in {closed_loop_rollouts:.0f} rollouts, "
+                             f"required at least {min_closed_loop_success:.2f} in at least {min_closed_loop_rollouts}")
+        if closed_loop_rollouts < min_closed_loop_rollouts:
+            return PromotionDecision(CHALLENGER, (
+                f"{against_baseline}: {closed_loop_rollouts:.0f} rollouts are fewer than the minimum "
+                f"{min_closed_loop_rollouts}, not counted as passed"))
         if not closed_loop_success >= min_closed_loop_success:
             return PromotionDecision(CHALLENGER, f"{against_baseline}: not met")
     if champion_accuracy is not None and accuracy < champion_accuracy:

@@ -1,6 +1,6 @@
-"""The MLflow model registry: log a trained policy as a pyfunc model, look versions up by alias
-or number, and load a policy back by registry URI (`models:/mobile-vla@champion`). The
-promotion rule itself is `gate.py`.
+"""The MLflow model registry: log a trained policy as a pyfunc model, register it with its gate
+decision (tags and alias), look versions up by alias or number, and load a policy back by
+registry URI (`models:/mobile-vla@champion`). The promotion rule itself is `gate.py`.
 
 The pyfunc model holds no pickled torch module: its only artifact is the policy directory
 (`policy_config.json`, `policy.safetensors`, `adapter/`, `action_stats.json`), rebuilt with
@@ -10,6 +10,7 @@ The pyfunc model holds no pickled torch module: its only artifact is the policy 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -20,15 +21,18 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
+from .gate import CHAMPION, GATE_ALIASES, PromotionDecision
 from ..policy.model import load_policy_dir
 from ..policy.policy_config import CONFIG_FILE, read_policy_config
 from ..policy.bundle import BUNDLE_FILE
+from ..policy import serving
 from ..policy.serving import StreamingPolicy, load_bundle
 from ..tracking import mlflow_client, tracking_uri
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 POLICY_ARTIFACT = "policy"
+_LOG = logging.getLogger(__name__)
 _REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy", "opencv-python-headless",
                  "pandas", "h5py", "zarr", "xxhash", "isal", "accelerate", "mlflow")
 
@@ -87,6 +91,40 @@ def register_version(info, name: str, tags: dict[str, str]):
                                          model_id=info.model_id)
 
 
+def register_gated_version(name: str, policy_dir: Path | str, tags: dict[str, str], decision: PromotionDecision,
+                           run_id: str | None, experiment_id: str, log=_LOG):
+    """Register the policy in `policy_dir` under `name` with `tags` plus the gate decision
+    (tags `promotion`, `promotion_reason`; alias `decision.alias`); returns its ModelVersion.
+
+    The same trained weights again (`tags["training_fingerprint"]` already on a version) re-tag
+    that version instead of duplicating it. Either way the version ends holding its decision's
+    alias and no other gate alias, so its aliases agree with its `promotion` tag. `log` takes
+    `.info` and `.warning` (a logging.Logger, Dagster's context.log)."""
+    tags = {**tags, "promotion": decision.alias, "promotion_reason": decision.reason}
+    registry = client()
+    version = version_with_tag(name, "training_fingerprint", tags["training_fingerprint"])
+    if version is None:
+        with mlflow.start_run(run_id=run_id, experiment_id=experiment_id):
+            info = log_policy_model(policy_dir)
+        version = register_version(info, name, tags)
+    else:
+        log.info(f"{name} v{version.version} already holds this training; updating its gate")
+        for key, value in tags.items():
+            registry.set_model_version_tag(name, version.version, key, value)
+    # The version as a string: the sqlite store gives an int, a tracking server a string.
+    held = {alias: str(number) for alias, number in registry.get_registered_model(name).aliases.items()}
+    # Dropped before the new alias is set, so that no reader ever sees one version holding both.
+    for other in GATE_ALIASES:
+        if other != decision.alias and held.get(other) == str(version.version):
+            registry.delete_registered_model_alias(name, other)
+            if other == CHAMPION:
+                log.warning(f"{name} v{version.version} lost @{CHAMPION}: re-gated, it no longer passes; no version "
+                            f"holds @{CHAMPION} now, so models:/{name}@{CHAMPION} leads nowhere until a version "
+                            "passes the gate (or the alias is set by hand)")
+    registry.set_registered_model_alias(name, decision.alias, version.version)
+    return registry.get_model_version(name, version.version)
+
+
 # ---------------------------------------------------------------- lookup
 
 
@@ -94,29 +132,43 @@ def client():
     return mlflow_client()
 
 
+def _not_found(error: MlflowException) -> bool:
+    # Only this code means "does not exist"; any other (a database or network error, a bad name)
+    # must reach the caller, or a lookup that failed reads as "none" and a duplicate gets registered.
+    return error.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
 def version_by_alias(name: str, alias: str):
-    """The ModelVersion holding `alias`, or None (also when the model does not exist yet)."""
+    """The ModelVersion holding `alias`, or None (also when the model does not exist yet).
+
+    Read from the model's aliases: MLflow reports a missing alias as INVALID_PARAMETER_VALUE,
+    the code of a malformed request too."""
+    registry = client()
     try:
-        return client().get_model_version_by_alias(name, alias)
+        holder = registry.get_registered_model(name).aliases.get(alias)
     except MlflowException as error:
-        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        if _not_found(error):
             return None
         raise
+    return None if holder is None else registry.get_model_version(name, holder)
 
 
 def version_with_tag(name: str, key: str, value: str):
     """The newest version of `name` whose tag `key` equals `value`, or None."""
     try:
         versions = client().search_model_versions(f"name = '{name}'")
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        if _not_found(error):
+            return None
+        raise
     matching = [v for v in versions if v.tags.get(key) == value]
     return max(matching, key=lambda v: int(v.version)) if matching else None
 
 
 def resolve_version(uri: str):
-    """models:/<name>@<alias> or models:/<name>/<version> -> ModelVersion; ModelLookupError if unknown.
-    Only reads: a sqlite registry that does not exist yet is reported, not created."""
+    """models:/<name>@<alias> or models:/<name>/<version> -> ModelVersion; ModelLookupError if unknown,
+    any other registry error (MlflowException) as raised. Only reads: a sqlite registry that does
+    not exist yet is reported, not created."""
     registry_file = sqlite_registry_file()
     if registry_file is not None and not registry_file.is_file():
         raise ModelLookupError(f"{uri}: no model registry at {registry_file}: nothing is registered there yet "
@@ -132,6 +184,8 @@ def resolve_version(uri: str):
     try:
         registered = registry.get_registered_model(name)
     except MlflowException as error:
+        if not _not_found(error):
+            raise
         known = sorted(m.name for m in registry.search_registered_models())
         raise ModelLookupError(f"{uri}: no registered model {name!r} in {tracking_uri()} "
                                f"(registered: {', '.join(known) or 'none'})") from error
@@ -143,6 +197,8 @@ def resolve_version(uri: str):
     try:
         return registry.get_model_version(name, version)
     except MlflowException as error:
+        if not _not_found(error):
+            raise
         raise ModelLookupError(f"{uri}: model {name!r} has no version {version}") from error
 
 
@@ -182,16 +238,20 @@ def policy_directory(uri: str | Path) -> tuple[Path, dict]:
     return directory, meta
 
 
-def load_policy(uri: str | Path, colour_order: str = "BGR", backbone: str | None = None, dtype=None) -> StreamingPolicy:
+def load_policy(uri: str | Path, colour_order: str = "BGR", backbone: str | None = None, dtype=None,
+                device: str | None = None) -> StreamingPolicy:
     """A StreamingPolicy from a registry URI (`models:/mobile-vla@champion`), a policy directory
-    or a deploy bundle (`vla-pipeline export`; loaded as the robot loads it, `load_bundle`).
+    or a deploy bundle (`vla-pipeline export`; loaded as the robot loads it, `load_bundle`), on
+    `device` (default: the GPU where there is one, as a bundle).
 
     `backbone` overrides where the Kosmos-2 weights come from (a hub id or a local directory).
     """
     directory, meta = policy_directory(uri)
+    device = device or serving.default_device()
     if "bundle" in meta and backbone is None and dtype is None:
-        return load_bundle(directory, colour_order)
-    return StreamingPolicy(load_policy_dir(directory, backbone_override=backbone, dtype=dtype), colour_order, meta)
+        return load_bundle(directory, colour_order, device=device)
+    policy = load_policy_dir(directory, backbone_override=backbone, dtype=dtype).to(device)
+    return StreamingPolicy(policy, colour_order, meta)
 
 
 def version_summary(version) -> dict:
@@ -213,7 +273,7 @@ def version_summary(version) -> dict:
     if world and world.startswith("skipped"):
         closed = {"skipped": world.removeprefix("skipped: ")}
     elif world:
-        closed = {"env": world, **{key: number(f"metric.closed_loop_{key}") or 0.0
+        closed = {"env": world, **{key: number(f"metric.closed_loop_{key}")
                                    for key in ("rollouts", "success_rate", "spl", "collision_rate")},
                   "baselines": {name: number(f"metric.closed_loop_{name}_success_rate")
                                 for name in ("scripted_guide", "blind_side_script", "always_forward")
