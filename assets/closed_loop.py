@@ -2,7 +2,6 @@
 that need no model, in the same scenes (`vla_pipeline.evaluation.closed_loop`)."""
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +14,8 @@ from vla_pipeline.evaluation.report import Table
 from vla_pipeline.training.split import Split
 from vla_pipeline.tracking import experiment_id, run_link, training_run_id
 
-RATE_COLUMNS = ("success_rate", "spl", "collision_rate", "wrong_side_rate", "timeout_rate", "invalid_rate")
+RATE_COLUMNS = ("success_rate", "spl", "collision_rate", "wrong_side_rate", "lost_rate", "timeout_rate",
+                "invalid_action_rate", "controller_error_rate")
 
 
 class ClosedLoopConfig(dg.Config):
@@ -78,51 +78,45 @@ def closed_loop_metrics(
 
     import mlflow
 
-    from vla_pipeline.evaluation.closed_loop import CAMERAS, closed_loop
+    from vla_pipeline.evaluation.closed_loop import closed_loop
     from vla_pipeline.policy.model import load_policy_dir
     from vla_pipeline.policy.serving import StreamingPolicy
     from vla_pipeline.sim.report import paths_figure
+    from vla_pipeline.sim.rollout import RolloutsFailed
 
     policy = StreamingPolicy(load_policy_dir(lora_adapter).to(compute.plan().device))
-    out_dir = Path(lora_adapter).parent / "closed_loop"
-    video_dir = Path(tempfile.mkdtemp(prefix="closed-loop-videos-", dir=out_dir.parent))
-    report = closed_loop(policy, config.episodes, config.seed, config.envs,
-                         env_kwargs=CAMERAS[config.camera],
-                         video_dir=video_dir, log=context.log.info)
+    # Each run writes into a folder of its own: nothing of an earlier run is uploaded with it.
+    out_dir = Path(lora_adapter).parent / "closed_loop" / context.run_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        report = closed_loop(policy, config.episodes, config.seed, config.envs, camera=config.camera, env_id=world,
+                             video_dir=out_dir, log=context.log.info)
+    except RolloutsFailed as error:
+        raise dg.Failure(f"closed loop in {world}: {error}", allow_retries=False) from error
     summary, numbers = report.summary, report.headline()
-    out_dir.mkdir(exist_ok=True)
     figure = out_dir / "paths.png"
     figure.write_bytes(paths_figure(report.policy))
-    videos = {}
-    for kind, path in report.videos.items():
-        videos[kind] = out_dir / f"{kind}.mp4"
-        path.replace(videos[kind])
-    for leftover in video_dir.iterdir():
-        leftover.unlink()
-    video_dir.rmdir()
-    (out_dir / "closed_loop.json").write_text(json.dumps(
-        {"env": world, "episodes": report.episodes, "seed": report.seed, "summary": summary,
-         "rollouts": [result.to_dict() for result in report.policy]}, indent=1))
+    videos = {kind: path.replace(out_dir / f"{kind}.mp4") for kind, path in report.videos.items()}
+    (out_dir / "closed_loop.json").write_text(json.dumps(report.record(), indent=1))
 
     run_id, experiment = training_run_id(lora_adapter), experiment_id()
     if run_id:
         with mlflow.start_run(run_id=run_id, experiment_id=experiment):
             mlflow.log_metrics(numbers)
-            mlflow.log_artifacts(str(out_dir), "closed_loop")
+            mlflow.log_artifacts(str(out_dir), f"closed_loop/{context.run_id}")
     else:
         context.log.warning(f"{lora_adapter}: no MLflow training run recorded beside it; metrics not logged")
     return dg.Output(
-        {"env": world, "skipped": None, "episodes": report.episodes, "seed": report.seed,
-         "summary": summary, "headline": numbers},
+        {**report.conditions(), "skipped": None, "summary": summary, "headline": numbers},
         metadata={
             "env": world,
             "why": why,
             "rollouts": report.episodes,
             "success_rate": numbers["closed_loop_success_rate"],
             "spl": numbers["closed_loop_spl"],
-            "collision_rate": numbers["closed_loop_collision_rate"],
-            "wrong_side_rate": numbers["closed_loop_wrong_side_rate"],
-            "timeout_rate": numbers["closed_loop_timeout_rate"],
+            **{key: numbers[f"closed_loop_{key}"] for key in RATE_COLUMNS if key not in ("success_rate", "spl")},
+            "camera": report.conditions()["camera"]["name"],
+            "records": dg.MetadataValue.path(str(out_dir)),
             "policy_vs_baselines": metadata_table(_rates_table(summary)),
             "per_cell": metadata_table(_cells_table(summary)),
             "paths": metadata_plot(context, figure, "top-down paths, coloured by outcome"),

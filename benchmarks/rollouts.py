@@ -21,7 +21,7 @@ import sys
 import time
 
 from vla_pipeline.sim.controllers import BASELINES
-from vla_pipeline.sim.rollout import open_envs, plan, run_rollouts, summarise
+from vla_pipeline.sim.rollout import ROLLOUT_OUTCOMES, open_envs, plan, run_rollouts, summarise
 
 
 def main() -> int:
@@ -62,11 +62,12 @@ def main() -> int:
             scores.setdefault(name, summarise(results))
             first.setdefault(name, records)
             same = same and records == first[name]
-    print("\n| driver | success | SPL | collision | wrong side | timeout+lost | invalid |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    outcomes = ROLLOUT_OUTCOMES[1:]
+    print("\n| driver | success | SPL | " + " | ".join(o.replace("_", " ") for o in outcomes) + " |")
+    print("| --- | ---: | ---: |" + " ---: |" * len(outcomes))
     for name, summary in scores.items():
-        print(f"| {name} | {summary['success_rate']:.3f} | {summary['spl']:.3f} | {summary['collision_rate']:.3f} | "
-              f"{summary['wrong_side_rate']:.3f} | {summary['timeout_rate']:.3f} | {summary['invalid_rate']:.3f} |")
+        print(f"| {name} | {summary['success_rate']:.3f} | {summary['spl']:.3f} | "
+              + " | ".join(f"{summary[f'{o}_rate']:.3f}" for o in outcomes) + " |")
     print(f"\nevery run gave the first run's results: {'yes' if same else 'NO'}")
     return 0 if same else 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import dagster as dg
 import mlflow
@@ -68,7 +69,7 @@ def test_driver_feeds_the_start_frame_twice_like_the_recordings(tiny_backbone_pa
     assert driver.stream.frames_in_window == 3
 
 
-def _materialize(world, closed_loop_config):
+def _materialize(world, closed_loop_config, **options):
     split = {"train": world["ids"][:-2], "val": world["ids"][-2:], "val_fraction": 0.25}
 
     @dg.asset(name="lora_adapter")
@@ -82,13 +83,18 @@ def _materialize(world, closed_loop_config):
     return dg.materialize(
         [given_adapter, given_split, evaluation_metrics, closed_loop_metrics, registered_model],
         resources={"window_store": WindowStoreResource(path=str(world["store"])), "compute": ComputeResource()},
-        run_config={"ops": {"registered_model": {"config": {"model_name": NAME, "min_accuracy_margin": -1.0}},
+        run_config={"ops": {"registered_model": {"config": {"model_name": NAME, "min_accuracy_margin": -1.0,
+                                                            "min_closed_loop_rollouts": 12}},
                             "closed_loop_metrics": {"config": closed_loop_config}}},
+        **options,
     )
 
 
 @pytest.mark.timeout(300)
 def test_a_policy_that_drives_into_the_box_stays_challenger(world, capsys):
+    training_dir = Path(world["policy_dir"]).parent
+    (training_dir / "closed_loop").mkdir(exist_ok=True)
+    (training_dir / "closed_loop" / "success.mp4").write_bytes(b"an earlier run's video")
     result = _materialize(world, SMALL_CAMERA)
     assert result.success
     closed = result.output_for_node("closed_loop_metrics")
@@ -104,7 +110,7 @@ def test_a_policy_that_drives_into_the_box_stays_challenger(world, capsys):
     registered = result.output_for_node("registered_model")
     assert registered["alias"] == "challenger"  # offline it passed (margin -1): closed loop held it back
     reason = result.asset_materializations_for_node("registered_model")[0].metadata["reason"].value
-    assert "closed-loop success 0.00, required at least 0.50: not met" in reason
+    assert "closed-loop success 0.00 in 12 rollouts, required at least 0.50 in at least 12: not met" in reason
     version = registry.client().get_model_version(NAME, registered["version"])
     assert version.tags["closed_loop"] == ENV_ID and version.tags["metric.closed_loop_success_rate"] == "0.0000"
     assert version.tags["metric.closed_loop_scripted_guide_success_rate"] == "1.0000"
@@ -114,8 +120,14 @@ def test_a_policy_that_drives_into_the_box_stays_challenger(world, capsys):
 
     run = mlflow.get_run(world["run_id"])
     assert run.data.metrics["closed_loop_success_rate"] == 0.0
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(world["run_id"], "closed_loop")}
-    assert {"closed_loop/paths.png", "closed_loop/failure.mp4", "closed_loop/closed_loop.json"} <= artifacts
+    folder = f"closed_loop/{result.run_id}"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(world["run_id"], folder)}
+    assert artifacts == {f"{folder}/paths.png", f"{folder}/failure.mp4", f"{folder}/closed_loop.json"}
+    record = json.loads((training_dir / folder / "closed_loop.json").read_text())
+    assert {key: record[key] for key in ("env", "env_version", "camera", "envs", "seed", "episodes")} == {
+        "env": ENV_ID, "env_version": 0, "camera": {"name": "small", "height": 180, "width": 320}, "envs": 2,
+        "seed": 0, "episodes": 12}
+    assert len(record["rollouts"]) == 12 and set(record["baseline_rollouts"]) == set(closed["summary"]["baselines"])
 
 
 def test_the_closed_loop_can_be_turned_off_and_never_blocks_robot_data(world):
@@ -128,12 +140,35 @@ def test_the_closed_loop_can_be_turned_off_and_never_blocks_robot_data(world):
 
 
 @pytest.mark.timeout(300)
+def test_an_error_of_the_machine_fails_the_asset_with_its_message(world, monkeypatch):
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    def out_of_memory(self, image, instruction):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(PolicyDriver, "act", out_of_memory)
+    result = _materialize(world, {**SMALL_CAMERA, "episodes": 4}, raise_on_error=False)
+    assert not result.success
+    failure = next(event for event in result.all_events if event.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == "closed_loop_metrics"
+    assert "CUDA out of memory" in str(failure.event_specific_data.error) and "the machine failed" in str(
+        failure.event_specific_data.error)
+
+
+@pytest.mark.timeout(300)
 def test_rollout_command(world, capsys, tiny_backbone_path, tmp_path):
     uri = world["policy_dir"]
     assert cli.main(["rollout", uri, "--episodes", "2", "--camera", "small", "--json", "--envs", "1",
                      "--video", str(tmp_path / "videos")]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["driver"] for line in lines[:2]] == ["policy", "policy"] and lines[0]["outcome"] == "collision"
+    assert [line["driver"] for line in lines[2:-1]] == [name for name in ("scripted_guide", "blind_side_script",
+                                                                          "always_forward") for _ in range(2)]
+    assert [line["outcome"] for line in lines[2:4]] == ["success"] * 2
+    assert lines[-1]["conditions"] == {"env": ENV_ID, "env_version": 0, "camera": {"name": "small", "height": 180,
+                                                                                   "width": 320},
+                                       "envs": 1, "seed": 0, "episodes": 2}
     summary = lines[-1]["summary"]
     assert set(summary["policy"]) >= {"success_rate", "spl", "collision_rate", "wrong_side_rate"}
     assert set(summary["baselines"]) == {"scripted_guide", "blind_side_script", "always_forward"}
@@ -148,7 +183,28 @@ def test_rollout_command(world, capsys, tiny_backbone_path, tmp_path):
                      "--no-baselines"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["outcome"] for line in lines[:2]] == ["invalid_action"] * 2
-    assert "not finite" in lines[0]["reason"] and lines[-1]["summary"]["policy"]["invalid_rate"] == 1.0
+    assert "not finite" in lines[0]["reason"] and lines[-1]["summary"]["policy"]["invalid_action_rate"] == 1.0
+
+    # An error of the machine ends the command with its message, not a table of failures.
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as patch:
+        patch.setattr(PolicyDriver, "act", lambda *_: (_ for _ in ()).throw(RuntimeError("CUDA error: unknown")))
+        assert cli.main(["rollout", uri, "--episodes", "2", "--camera", "small", "--no-baselines"]) == 1
+    assert "CUDA error: unknown" in capsys.readouterr().err
+
+
+def test_rollout_drives_in_the_env_it_is_given(world, capsys, monkeypatch):
+    import gymnasium
+
+    import vla_pipeline.evaluation.closed_loop as closed_loop_module
+
+    other = "vla_pipeline/BoxNavTest-v3"
+    if other not in gymnasium.registry:
+        gymnasium.register(id=other, entry_point="vla_pipeline.sim.env:BoxNavEnv", max_episode_steps=30)
+    monkeypatch.setattr(closed_loop_module, "WORLDS", (ENV_ID, other))
+    assert cli.main(["rollout", world["policy_dir"], "--env", other, "--episodes", "1", "--camera", "small",
+                     "--json", "--no-baselines"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["conditions"]["env"] == other
 
 
 @pytest.mark.parametrize("arguments, message", [

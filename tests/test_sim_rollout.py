@@ -10,7 +10,8 @@ import pytest
 
 from vla_pipeline.sim.controllers import BlindSideScript, ScriptedGuide, key_action
 from vla_pipeline.sim.operator import CORE_PRESSES, guide_keys
-from vla_pipeline.sim.rollout import CELLS, plan, run_baselines, run_rollouts, summarise
+from vla_pipeline.sim.rollout import (CELLS, ROLLOUT_OUTCOMES, RolloutsFailed, plan, run_baselines, run_rollouts,
+                                      summarise)
 
 SMALL = {"height": 90, "width": 160}
 
@@ -99,11 +100,64 @@ class Broken:
     ("nan", "invalid_action", "not finite"), ("shape", "invalid_action", "shape (3,)"),
     ("range", "invalid_action", "outside"), ("text", "invalid_action", "not numbers")])
 def test_a_broken_controller_fails_its_rollouts_not_the_run(failure, outcome, reason):
-    results = run_rollouts(lambda: Broken(failure), plan(2, 0), env_kwargs=SMALL)
-    assert [r.outcome for r in results] == [outcome] * 2
-    assert all(reason in r.reason for r in results)
-    assert summarise(results)["invalid_rate"] == 1.0
-    assert [r.presses for r in results] == [0 if failure == "reset" else 2] * 2
+    drivers = iter([Broken(failure), ScriptedGuide(), Broken(failure), ScriptedGuide()])
+    results = run_rollouts(lambda: next(drivers), plan(4, 0), env_kwargs=SMALL)
+    assert [r.outcome for r in results] == [outcome, "success"] * 2
+    assert all(reason in r.reason for r in results[::2])
+    assert summarise(results)[f"{outcome}_rate"] == 0.5
+    assert [r.presses for r in results[::2]] == [0 if failure == "reset" else 2] * 2
+
+
+@pytest.mark.parametrize("failure", ["nan", "range"])
+def test_bad_actions_in_every_rollout_are_the_policys_and_fail_only_their_rollouts(failure):
+    results = run_rollouts(lambda: Broken(failure), plan(3, 0), env_kwargs=SMALL)
+    assert summarise(results)["invalid_action_rate"] == 1.0
+
+
+@pytest.mark.parametrize("failure", ["raise", "reset"])
+def test_the_same_exception_in_more_than_half_the_rollouts_fails_the_run(failure):
+    drivers = iter([Broken(failure), ScriptedGuide(), Broken(failure), Broken(failure)])
+    with pytest.raises(RolloutsFailed, match=r"3 of 4 rollouts failed the same way .*not the policy's choice"):
+        run_rollouts(lambda: next(drivers), plan(4, 0), env_kwargs=SMALL)
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named as torch.OutOfMemoryError is (this test imports no torch)."""
+
+
+@pytest.mark.parametrize("error", [OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("CUDA error: an illegal memory access was encountered"),
+                                   MemoryError()])
+def test_an_error_of_the_machine_fails_the_run_at_once(error):
+    class Failing(ScriptedGuide):
+        def act(self, image_bgr, instruction):
+            raise error
+
+    drivers = iter([ScriptedGuide(), Failing()] + [ScriptedGuide()] * 10)
+    seen = []
+    with pytest.raises(RolloutsFailed, match=r"rollout 2 .*the machine failed") as raised:
+        run_rollouts(lambda: next(drivers), plan(12, 0), env_kwargs=SMALL, on_result=seen.append)
+    assert raised.value.__cause__ is error and [r.outcome for r in seen] == ["success"]
+
+
+class Stays(ScriptedGuide):
+    def keys_for(self, instruction, info):
+        return " " * 40
+
+
+class StrafesAway(ScriptedGuide):
+    def keys_for(self, instruction, info):
+        return "a" * 40
+
+
+def test_every_outcome_has_its_own_rate():
+    results = (run_rollouts(Stays, plan(2, 0), env_kwargs={**SMALL, "max_presses": 8})
+               + run_rollouts(StrafesAway, plan(2, 0), env_kwargs=SMALL))
+    assert [r.outcome for r in results] == ["timeout"] * 2 + ["lost"] * 2
+    rates = summarise(results)
+    assert rates["timeout_rate"] == rates["lost_rate"] == 0.5
+    assert set(rates) == {"rollouts", "success_rate", "spl", "per_cell",
+                          *(f"{outcome}_rate" for outcome in ROLLOUT_OUTCOMES[1:])}
 
 
 @pytest.mark.timeout(120)

@@ -171,9 +171,13 @@ def cmd_model(args) -> int:
     if closed and "skipped" in closed:
         print(f"closed loop: skipped: {closed['skipped']}")
     elif closed:
+        def shown(value: float | None, spec: str) -> str:
+            return "not recorded" if value is None else format(value, spec)
+
         baselines = " | ".join(f"{name} {rate:.2f}" for name, rate in closed["baselines"].items())
-        print(f"closed loop in {closed['env']} ({closed['rollouts']:.0f} rollouts): success {closed['success_rate']:.2f}, "
-              f"SPL {closed['spl']:.2f}, collisions {closed['collision_rate']:.2f} | same scenes: {baselines}")
+        print(f"closed loop in {closed['env']} ({shown(closed['rollouts'], '.0f')} rollouts): "
+              f"success {shown(closed['success_rate'], '.2f')}, SPL {shown(closed['spl'], '.2f')}, "
+              f"collisions {shown(closed['collision_rate'], '.2f')} | same scenes: {baselines or 'not recorded'}")
     return 0
 
 
@@ -212,10 +216,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_rollout(args) -> int:
-    from .evaluation.closed_loop import CAMERAS, WORLDS, closed_loop
-    from .sim.env import scenario_from_token
+    from .evaluation.closed_loop import WORLDS, closed_loop
+    from .sim.env import ENV_ID, scenario_from_token
 
     problem = None
+    args.env = args.env or ENV_ID
     if args.env not in WORLDS:
         problem = f"--env {args.env!r}: no such simulated world (known: {', '.join(WORLDS)})"
     elif args.episodes < 1 or args.envs < 1:
@@ -231,6 +236,7 @@ def cmd_rollout(args) -> int:
     from transformers.utils import logging as transformers_logging
 
     from .evaluation.registry import ModelLookupError, load_policy
+    from .sim.rollout import RolloutsFailed
 
     transformers_logging.disable_progress_bar()
     try:
@@ -243,23 +249,29 @@ def cmd_rollout(args) -> int:
     def shown(driver: str, result) -> None:
         if args.json:
             print(json.dumps({"driver": driver, **result.to_dict()}), flush=True)
-        else:
+        elif driver == "policy":
             print(f"  rollout {result.index + 1}/{args.episodes}  {result.scenario:<34} {result.outcome:<14} "
                   f"{result.presses:>2} presses  {result.reason or ''}", flush=True)
 
-    report = closed_loop(policy, args.episodes, args.seed, args.envs,
-                         env_kwargs=CAMERAS[args.camera],
-                         video_dir=args.video, videos="all", baselines=not args.no_baselines, log=say,
-                         on_result=shown, scenario=args.scenario)
+    try:
+        report = closed_loop(policy, args.episodes, args.seed, args.envs, camera=args.camera, env_id=args.env,
+                             video_dir=args.video, videos="all", baselines=not args.no_baselines, log=say,
+                             on_result=shown, scenario=args.scenario)
+    except RolloutsFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     summary = report.summary
     if args.json:
-        print(json.dumps({"summary": summary}))
+        print(json.dumps({"summary": summary, "conditions": report.conditions()}))
         return 0
-    drivers = [("policy", summary["policy"]), *summary["baselines"].items()]
-    print(f"{'driver':<20} {'success':>8} {'SPL':>6} {'collision':>10} {'wrong side':>11} {'timeout':>8}")
-    for name, rates in drivers:
-        print(f"{name:<20} {rates['success_rate']:>8.2f} {rates['spl']:>6.2f} {rates['collision_rate']:>10.2f} "
-              f"{rates['wrong_side_rate']:>11.2f} {rates['timeout_rate']:>8.2f}")
+    columns = ("success", "spl", "collision", "wrong_side", "lost", "timeout", "invalid_action", "controller_error")
+    print(f"{'driver':<20} " + " ".join(f"{column.replace('_', ' '):>{max(len(column), 7)}}" for column in columns))
+    for name, rates in [("policy", summary["policy"]), *summary["baselines"].items()]:
+        values = [rates["spl"] if column == "spl" else rates[f"{column}_rate"] for column in columns]
+        print(f"{name:<20} " + " ".join(f"{value:>{max(len(column), 7)}.2f}" for column, value in zip(columns, values)))
+    conditions = report.conditions()
+    print(f"{conditions['episodes']} rollouts in {conditions['env']} (plan seed {conditions['seed']}, camera "
+          f"{conditions['camera']['name']}, {conditions['envs']} environments)")
     if args.video:
         print(f"videos of every rollout in {args.video}")
     return 0
@@ -313,12 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--seed", type=int, default=0, help="the plan's seed: the same seed, the same scenes (default 0)")
     rollout.add_argument("--scenario", help="drive every rollout in this scenario, e.g. 1box_hori_left_core_far")
     rollout.add_argument("--envs", type=int, default=2, help="environments stepped at once (default 2)")
-    rollout.add_argument("--env", default="vla_pipeline/BoxNav-v0", help="the simulated world (default vla_pipeline/BoxNav-v0)")
+    rollout.add_argument("--env", help="the simulated world to drive in (default: the sample episodes' world, "
+                         "vla_pipeline/BoxNav-v0)")
     rollout.add_argument("--camera", choices=("720p", "small"), default="720p",
                          help="720p: the collector's 1280×720 frames (default); small: 320×180, faster")
     rollout.add_argument("--video", type=Path, help="folder to write an MP4 of every policy rollout into")
     rollout.add_argument("--no-baselines", action="store_true", help="drive the policy only")
-    rollout.add_argument("--json", action="store_true", help="one JSON object per rollout, then a summary object")
+    rollout.add_argument("--json", action="store_true", help="one JSON object per rollout, the baselines' too (each "
+                         "naming its driver), then a summary object")
     rollout.set_defaults(run=cmd_rollout)
     return parser
 
@@ -333,6 +347,16 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except Exception as error:
+        # mlflow takes seconds to import, so only commands that use it do: if it is not loaded,
+        # the error cannot be one of its own.
+        mlflow_errors = sys.modules.get("mlflow.exceptions")
+        if mlflow_errors is None or not isinstance(error, mlflow_errors.MlflowException):
+            raise
+        from .tracking import tracking_uri
+
+        print(f"error: MLflow registry at {tracking_uri()}: {' '.join(error.message.split())}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

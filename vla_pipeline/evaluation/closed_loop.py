@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import gymnasium
 import numpy as np
 
 from ..policy.serving import StreamingPolicy
@@ -22,7 +23,7 @@ from ..sim.rollout import RolloutResult, plan, run_baselines, run_rollouts, summ
 
 DEFAULT_EPISODES = 48  # 4 rollouts in each of the 12 side × distance × boxes cells
 # The env's camera by name: the collector's 1280×720 frames, or small ones for quick looks.
-CAMERAS: dict[str, dict] = {"720p": {}, "small": {"height": 180, "width": 320}}
+CAMERAS: dict[str, dict] = {"720p": {"height": 720, "width": 1280}, "small": {"height": 180, "width": 320}}
 # Where the store's episodes name this world as theirs (the `simulator` attribute the sample
 # episodes carry), the policy can be driven in it; other episodes (the robot's) have no world.
 WORLDS = (ENV_ID,)
@@ -37,8 +38,9 @@ class PolicyDriver:
     """
 
     def __init__(self, policy: StreamingPolicy):
-        # Each driver keeps its own window; the network (and any captured graphs) is shared.
-        self.stream = StreamingPolicy(policy.policy, "BGR", compiled=policy.metadata.get("compiled", False))
+        # Each driver keeps its own window; the network and its compiled backbone (the CUDA graphs
+        # captured once per policy, not once per rollout) are shared.
+        self.stream = StreamingPolicy(policy.policy, "BGR", compiled=policy.policy.backbone_call is not None)
         self.started = False
 
     def reset(self, instruction: str, info: dict) -> None:
@@ -57,6 +59,8 @@ class ClosedLoopReport:
     env: str
     episodes: int
     seed: int
+    camera: str  # a name of CAMERAS
+    envs: int
     policy: list[RolloutResult]
     baselines: dict[str, list[RolloutResult]]
     videos: dict[str, Path] = field(default_factory=dict)  # "success" / "failure" → a policy rollout's video
@@ -76,20 +80,40 @@ class ClosedLoopReport:
             numbers[f"closed_loop_{name}_success_rate"] = float(rates["success_rate"])
         return numbers
 
+    def conditions(self) -> dict:
+        """What the rollouts ran under: env id and version, camera, environments, seed, count."""
+        return {"env": self.env, "env_version": gymnasium.spec(self.env).version,
+                "camera": {"name": self.camera, **CAMERAS[self.camera]}, "envs": self.envs, "seed": self.seed,
+                "episodes": self.episodes}
+
+    def record(self) -> dict:
+        """closed_loop.json: the conditions, the summary and every policy rollout."""
+        return {**self.conditions(), "summary": self.summary,
+                "rollouts": [result.to_dict() for result in self.policy],
+                "baseline_rollouts": {name: [result.to_dict() for result in results]
+                                      for name, results in self.baselines.items()}}
+
 
 def closed_loop(policy: StreamingPolicy, episodes: int = DEFAULT_EPISODES, seed: int = 0, envs: int = 2,
-                env_kwargs: dict | None = None, video_dir: Path | None = None, videos: str = "one_each",
-                baselines: bool = True, log: Callable[[str], None] = print,
+                camera: str = "720p", env_id: str = ENV_ID, video_dir: Path | None = None,
+                videos: str = "one_each", baselines: bool = True, log: Callable[[str], None] = print,
                 on_result: Callable[[str, RolloutResult], None] | None = None,
                 scenario: str | None = None) -> ClosedLoopReport:
-    """Drive `policy` over the plan of `episodes` rollouts from `seed`, then the baselines.
+    """Drive `policy` over the plan of `episodes` rollouts from `seed` in `env_id`, then the baselines.
 
     `scenario` (a token such as 1box_hori_left_core_far) drives every rollout in that scenario,
-    each with its own seed; a token that is not one raises ValueError.
+    each with its own seed; a token that is not one, or an env that is not one of WORLDS, raises
+    ValueError. `on_result(driver, result)` hears of every rollout, the baselines' too.
 
     `video_dir` with `videos="one_each"` keeps the first success and the first failure as MP4
     videos; `videos="all"` writes every policy rollout's. Frames are dropped once written.
+    Raises `RolloutsFailed` where the machine fails or the driver raises alike in most rollouts.
     """
+    if env_id not in WORLDS:
+        raise ValueError(f"env {env_id!r}: no such simulated world (known: {', '.join(WORLDS)})")
+    if camera not in CAMERAS:
+        raise ValueError(f"camera {camera!r}: expected one of {', '.join(CAMERAS)}")
+    env_kwargs = dict(CAMERAS[camera])
     rollouts = plan(episodes, seed)
     if scenario is not None:
         scenario_from_token(scenario)
@@ -106,19 +130,20 @@ def closed_loop(policy: StreamingPolicy, episodes: int = DEFAULT_EPISODES, seed:
         if on_result is not None:
             on_result("policy", result)
 
-    log(f"closed loop: driving the policy in {ENV_ID} over {len(rollouts)} scenes ({envs} environments at once)")
+    log(f"closed loop: driving the policy in {env_id} over {len(rollouts)} scenes ({envs} environments at once)")
     results = run_rollouts(lambda: PolicyDriver(policy), rollouts, envs=envs, env_kwargs=env_kwargs,
-                           keep_frames=video_dir is not None, on_result=keep)
+                           keep_frames=video_dir is not None, on_result=keep, env_id=env_id)
     rates = summarise(results)
     log(f"closed loop: policy success {rates['success_rate']:.2f}, SPL {rates['spl']:.2f}, "
         f"collisions {rates['collision_rate']:.2f}, wrong side {rates['wrong_side_rate']:.2f}")
     # The baselines never look, so their envs render nothing: stepping them here, in this process,
     # costs less than starting worker processes for them.
-    others = run_baselines(rollouts, envs=1, env_kwargs=env_kwargs) if baselines else {}
+    others = run_baselines(rollouts, envs=1, env_kwargs=env_kwargs, on_result=on_result,
+                           env_id=env_id) if baselines else {}
     if others:
         log("closed loop, same scenes: " + ", ".join(f"{name} {summarise(found)['success_rate']:.2f}"
                                                      for name, found in others.items()))
-    return ClosedLoopReport(ENV_ID, len(rollouts), seed, results, others, written)
+    return ClosedLoopReport(env_id, len(rollouts), seed, camera, envs, results, others, written)
 
 
 def world_of_episodes(attrs: list[dict]) -> tuple[str | None, str]:

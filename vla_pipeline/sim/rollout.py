@@ -3,8 +3,14 @@
 With envs > 1 the environments step in worker processes through gymnasium's AsyncVectorEnv;
 the drivers always run here, in the calling process. Autoreset is off: when a rollout ends,
 its sub-env alone is reset (reset_mask) with the plan's next seed, and its scenario reaches it
-through set_attr("queued_options"), as a vector reset hands the same options to every sub-env.
-Every rollout is fixed by its seed and scenario, so the results do not depend on `envs`.
+in the reset's options as {seed: scenario} (a vector reset hands the same options to every
+sub-env; each takes its own seed's). Every rollout is fixed by its seed and scenario, so the
+results do not depend on `envs`.
+
+A driver that returns a bad action (not finite, out of range) fails its own rollout: that is
+the policy's choice. An error of the machine (out of memory, a device error) fails the whole
+run at once, and so does the same exception raised in more than half of the plan's rollouts:
+a fault of the code, not of the policy (`RolloutsFailed`).
 """
 from __future__ import annotations
 
@@ -18,13 +24,30 @@ import gymnasium
 import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
-from .controllers import BASELINES, Controller
-from .env import ENV_ID, action_problem
+from ..data.schema import INSTRUCTION_TEMPLATE
+from .controllers import BASELINES, Controller, ScriptedGuide
+from .env import ENV_ID, MAX_PRESSES, OUTCOMES, action_problem
 
 SIDES, DISTANCES, BOX_COUNTS, LAYOUTS = ("left", "right"), ("close", "medium", "far"), ("1box", "2box"), ("hori", "vert")
 CELLS = [(side, distance, boxes) for side in SIDES for distance in DISTANCES for boxes in BOX_COUNTS]
 # Never plain fork: OpenCV's thread pool deadlocks in forked children.
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+# Every way a rollout ends, each reported as its own rate: the env's outcomes, and an exception
+# raised by the driver.
+ROLLOUT_OUTCOMES = (*OUTCOMES, "controller_error")
+# Errors of the machine, not of the policy, known by name (this stage imports no torch) or message.
+MACHINE_ERRORS = {"MemoryError", "OutOfMemoryError", "AcceleratorError"}
+MACHINE_MESSAGES = ("out of memory", "CUDA error", "device-side assert", "CUBLAS_STATUS", "cuDNN error")
+
+
+class RolloutsFailed(RuntimeError):
+    """The rollouts cannot say how the policy drives: the machine failed, or the driver's code
+    raised the same error in more than half of them."""
+
+
+def machine_error(error: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & MACHINE_ERRORS) or any(text in str(error) for text in MACHINE_MESSAGES)
 
 
 @dataclass
@@ -36,7 +59,7 @@ class RolloutResult:
     distance: str
     boxes: str
     target: str
-    outcome: str  # an env outcome (env.OUTCOMES) or "controller_error"
+    outcome: str  # one of ROLLOUT_OUTCOMES
     reason: str | None
     presses: int
     path: list[tuple[float, float]]  # the start pose, then the pose after each press
@@ -66,24 +89,28 @@ def plan(episodes: int, seed: int) -> list[tuple[int, str]]:
     """(env seed, scenario token) per rollout: each run of 12 covers every side × distance × boxes
     cell once, in a seeded order; layouts (hori, vert) and targets (cup, basket) alternate."""
     rng = np.random.default_rng(seed)
-    items = []
+    items, seeds = [], set()
     while len(items) < episodes:
         for cell in rng.permutation(len(CELLS))[: episodes - len(items)]:
             side, distance, boxes = CELLS[cell]
             i = len(items)
             token = f"{boxes}_{LAYOUTS[i % 2]}_{side}_core_{distance}"
-            items.append((int(rng.integers(0, 2**31 - 1)), f"basket_{token}" if i // 2 % 2 else token))
+            env_seed = int(rng.integers(0, 2**31 - 1))
+            while env_seed in seeds:  # each seed names one rollout's scenario in a vector reset
+                env_seed = int(rng.integers(0, 2**31 - 1))
+            seeds.add(env_seed)
+            items.append((env_seed, f"basket_{token}" if i // 2 % 2 else token))
     return items
 
 
-def _make_env(env_kwargs: dict):
+def _make_env(env_id: str, env_kwargs: dict):
     # Module level, so a worker unpickles it by name: importing this module registers the env.
-    return gymnasium.make(ENV_ID, **env_kwargs)
+    return gymnasium.make(env_id, max_episode_steps=env_kwargs.get("max_presses", MAX_PRESSES), **env_kwargs)
 
 
-def open_envs(envs: int, env_kwargs: dict | None = None) -> gymnasium.vector.VectorEnv:
+def open_envs(envs: int, env_kwargs: dict | None = None, env_id: str = ENV_ID) -> gymnasium.vector.VectorEnv:
     """`envs` BoxNav envs without autoreset: in this process for 1, in worker processes beyond."""
-    factories = [partial(_make_env, dict(env_kwargs or {})) for _ in range(envs)]
+    factories = [partial(_make_env, env_id, dict(env_kwargs or {})) for _ in range(envs)]
     if envs == 1:
         return SyncVectorEnv(factories, autoreset_mode=AutoresetMode.DISABLED)
     # shared_memory=False: gymnasium 1.4 reads a Text observation out of shared memory once, when the
@@ -119,12 +146,21 @@ class _Rollout:
             success_radius=info["success_radius"], frames=self.frames)
 
 
+def _raised(rollout: _Rollout, call: str, error: Exception) -> str:
+    """The reason of a rollout whose driver raised; RolloutsFailed where the machine failed."""
+    reason = f"{call} raised {type(error).__name__}: {error}"
+    if machine_error(error):
+        raise RolloutsFailed(f"rollout {rollout.index + 1} ({rollout.info['scenario']}): {reason}: the machine "
+                             "failed, not the policy; nothing is scored") from error
+    return reason
+
+
 def _next_action(rollout: _Rollout, image: np.ndarray, instruction: str) -> tuple[np.ndarray | None, str, str]:
     """The controller's action, or None with the outcome and reason that end its rollout."""
     try:
         returned = rollout.controller.act(image, instruction)
-    except Exception as error:  # a broken controller ends its rollout, not the run
-        return None, "controller_error", f"act() raised {type(error).__name__}: {error}"
+    except Exception as error:  # a broken controller ends its rollout, not the run (but see _raised)
+        return None, "controller_error", _raised(rollout, "act()", error)
     try:
         action = np.asarray(returned, dtype=np.float64)
     except (TypeError, ValueError):
@@ -136,13 +172,12 @@ def _next_action(rollout: _Rollout, image: np.ndarray, instruction: str) -> tupl
 def _start(vector_env, free: list[int], pending: deque, live: list, make_controller, keep_frames: bool,
            finish: Callable[[int, str, str], None]) -> dict:
     """Reset the `free` sub-envs with the plan's next rollouts and give each a fresh controller."""
-    mask, seeds, queued, starting = np.zeros(len(live), dtype=bool), [None] * len(live), [None] * len(live), {}
+    mask, seeds, scenarios, starting = np.zeros(len(live), dtype=bool), [None] * len(live), {}, {}
     for slot in free:
         index, (seed, scenario) = pending.popleft()
-        mask[slot], seeds[slot], queued[slot] = True, seed, {"scenario": scenario}
+        mask[slot], seeds[slot], scenarios[seed] = True, seed, scenario
         starting[slot] = (index, seed)
-    vector_env.set_attr("queued_options", queued)
-    observations, infos = vector_env.reset(seed=seeds, options={"reset_mask": mask})
+    observations, infos = vector_env.reset(seed=seeds, options={"reset_mask": mask, "scenario": scenarios})
     for slot, (index, seed) in starting.items():
         image, instruction = observations["image"][slot], observations["instruction"][slot]
         live[slot] = _Rollout(index, seed, make_controller(), _slot_info(infos, slot),
@@ -150,14 +185,16 @@ def _start(vector_env, free: list[int], pending: deque, live: list, make_control
         try:
             live[slot].controller.reset(instruction, dict(live[slot].info))
         except Exception as error:  # as in act(): the rollout fails, the run goes on
-            finish(slot, "controller_error", f"reset() raised {type(error).__name__}: {error}")
+            finish(slot, "controller_error", _raised(live[slot], "reset()", error))
     return observations
 
 
 def run_rollouts(make_controller: Callable[[], Controller], plan: list[tuple[int, str]], envs: int = 1,
                  env_kwargs: dict | None = None, keep_frames: bool = False,
-                 on_result: Callable[[RolloutResult], None] | None = None) -> list[RolloutResult]:
-    """Drive one controller from `make_controller()` per rollout of `plan`; results in plan order."""
+                 on_result: Callable[[RolloutResult], None] | None = None,
+                 env_id: str = ENV_ID) -> list[RolloutResult]:
+    """Drive one controller from `make_controller()` per rollout of `plan`; results in plan order.
+    Raises RolloutsFailed where the machine fails or more than half the plan fails the same way."""
     if envs < 1:
         raise ValueError(f"envs={envs}: expected at least 1")
     if not plan:
@@ -166,14 +203,21 @@ def run_rollouts(make_controller: Callable[[], Controller], plan: list[tuple[int
     envs = max(1, min(envs, len(plan)))  # a sub-env never reset could not be stepped
     live: list[_Rollout | None] = [None] * envs
     results: list[RolloutResult] = []
+    raised: Counter = Counter()  # exception name -> rollouts it ended
 
     def finish(slot: int, outcome: str, reason: str | None) -> None:
         results.append(live[slot].result(outcome, reason))
         live[slot] = None
         if on_result is not None:
             on_result(results[-1])
+        if outcome == "controller_error":
+            error = reason.split(" raised ", 1)[1].split(":", 1)[0]
+            raised[error] += 1
+            if raised[error] > len(plan) / 2:
+                raise RolloutsFailed(f"{raised[error]} of {len(plan)} rollouts failed the same way ({reason}): "
+                                     "a fault of the driver's code, not the policy's choice")
 
-    vector_env = open_envs(envs, env_kwargs)
+    vector_env = open_envs(envs, env_kwargs, env_id)
     try:
         while pending or any(live):
             free = [slot for slot in range(envs) if live[slot] is None][: len(pending)]
@@ -217,24 +261,37 @@ def summarise(results: list[RolloutResult]) -> dict:
 
 
 def _rates(results: list[RolloutResult]) -> dict:
+    """The success rate, SPL and the rate of every other way a rollout ends, each on its own."""
     count = max(len(results), 1)
     outcomes = Counter(result.outcome for result in results)
-    return {
-        "rollouts": len(results),
-        "success_rate": outcomes["success"] / count,
-        "spl": sum(result.spl for result in results) / count,
-        "collision_rate": outcomes["collision"] / count,
-        "wrong_side_rate": outcomes["wrong_side"] / count,
-        "timeout_rate": (outcomes["timeout"] + outcomes["lost"]) / count,
-        "invalid_rate": (outcomes["invalid_action"] + outcomes["controller_error"]) / count,
-    }
+    return {"rollouts": len(results), "success_rate": outcomes["success"] / count,
+            "spl": sum(result.spl for result in results) / count,
+            **{f"{outcome}_rate": outcomes[outcome] / count for outcome in ROLLOUT_OUTCOMES[1:]}}
 
 
-def run_baselines(plan: list[tuple[int, str]], envs: int = 1,
-                  env_kwargs: dict | None = None) -> dict[str, list[RolloutResult]]:
+def run_baselines(plan: list[tuple[int, str]], envs: int = 1, env_kwargs: dict | None = None,
+                  on_result: Callable[[str, RolloutResult], None] | None = None,
+                  env_id: str = ENV_ID) -> dict[str, list[RolloutResult]]:
     """The model-free drivers over one plan: the ceiling, image-blind, and the floor. None of them
     looks at the image, so their envs render no frame: the outcomes are the same, in a fraction of
-    the time."""
-    return {name: run_rollouts(driver, plan, envs=envs,
-                               env_kwargs={**(env_kwargs or {}), "camera": getattr(driver, "needs_image", True)})
+    the time. `on_result(name, result)` hears of each rollout as it ends."""
+    return {name: run_rollouts(driver, plan, envs=envs, env_id=env_id,
+                               env_kwargs={**(env_kwargs or {}), "camera": getattr(driver, "needs_image", True)},
+                               on_result=None if on_result is None else partial(on_result, name))
             for name, driver in BASELINES.items()}
+
+
+def guide_camera_frames(frames: int, seed: int = 0, env_kwargs: dict | None = None,
+                        env_id: str = ENV_ID) -> list[tuple[list[np.ndarray], str]]:
+    """At least `frames` camera frames (BGR) of the scripted guide's rollouts over `plan(.., seed)`, as
+    (one rollout's frames, its instruction) pairs: real-looking input for comparing two ways of
+    running a policy."""
+    rollouts: list[tuple[list[np.ndarray], str]] = []
+    scenes = plan(max(1, frames // 10 + 1), seed)
+    for result in run_rollouts(ScriptedGuide, scenes, env_kwargs={**(env_kwargs or {}), "camera": True},
+                               keep_frames=True, env_id=env_id):
+        if sum(len(shown) for shown, _ in rollouts) >= frames:
+            break
+        side, target = result.side, result.target
+        rollouts.append((result.frames, INSTRUCTION_TEMPLATE.format(side=side, target=target)))
+    return rollouts
