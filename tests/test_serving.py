@@ -176,3 +176,75 @@ def test_a_compiled_backbone_gives_the_same_actions(policy, raw_frames, monkeypa
         policy.backbone_call = None
     assert len(compiled_calls) == 3 and stream.metadata["compiled"] is True
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def reusing_backbone_call(policy):
+    """A backbone call that, like a CUDA graph or torch.compile's reduce-overhead mode, returns one
+    output buffer that every call overwrites."""
+    buffers: dict[tuple, torch.Tensor] = {}
+
+    def call(*tensors):
+        features = policy.frame_features(*tensors)
+        buffer = buffers.setdefault(tuple(features.shape), torch.empty_like(features))
+        return buffer.copy_(features)
+
+    return call
+
+
+def test_a_backbone_call_that_reuses_its_output_buffer_streams_the_same_actions(policy, raw_frames):
+    regression = build_policy(PolicyConfig.tiny(backbone=policy.config.backbone, window=4, chunk=2,
+                                                seed=3)).eval()
+    frames = np.concatenate([raw_frames, raw_frames[:, ::-1]])  # 14 distinct frames, past the window
+    right = mirror_instruction(LEFT)
+    instructions = [LEFT] * 8 + [right] * 6  # a new instruction re-encodes the window too
+    eager = StreamingPolicy(regression, compiled=False)
+    expected = [eager.step(frame, text) for frame, text in zip(frames, instructions)]
+    regression.backbone_call = reusing_backbone_call(regression)
+    try:
+        stream = StreamingPolicy(regression, compiled=False)
+        stream.metadata["compiled"] = True  # as a stream over a captured backbone runs
+        got = []
+        for frame, text in zip(frames, instructions):
+            got.append(stream.step(frame, text))
+            window = list(stream._features)
+            assert len({feature.data_ptr() for feature in window}) == len(window)
+            assert not any(torch.equal(window[i], window[j]) for i in range(len(window))
+                           for j in range(i + 1, len(window)))
+    finally:
+        regression.backbone_call = None
+    assert len(got) >= 10
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_streams_over_one_policy_compile_it_once(policy, raw_frames, monkeypatch):
+    compiles = []
+    monkeypatch.setattr(torch, "compile", lambda module, **options: compiles.append(1) or module)
+    try:
+        first = StreamingPolicy(policy, compiled=True)
+        second = StreamingPolicy(policy, compiled=True)
+        for stream in (first, second):
+            stream.step(raw_frames[0], LEFT)
+    finally:
+        policy.backbone_call = None
+    assert len(compiles) == 1 and second.metadata["compiled"] is True
+
+
+def test_compiled_vs_eager_catches_a_window_that_aliases_the_backbone_buffer(policy, monkeypatch):
+    """The GPU check (`compiled_vs_eager`, run by test_gpu_streaming.py and benchmarks/gpu.py) on the
+    CPU, with a buffer-reusing backbone call standing in for the CUDA graph."""
+    from vla_pipeline.policy.model import MobileVLAPolicy
+    from vla_pipeline.policy.serving import compiled_vs_eager
+    from vla_pipeline.sim.rollout import guide_camera_frames
+
+    monkeypatch.setattr(MobileVLAPolicy, "compile_backbone",
+                        lambda self: setattr(self, "backbone_call", reusing_backbone_call(self)))
+    episodes = guide_camera_frames(20, seed=3, env_kwargs={"height": 90, "width": 160})
+    assert sum(len(frames) for frames, _ in episodes) >= 20
+    try:
+        assert compiled_vs_eager(policy, episodes) <= 1e-6
+        monkeypatch.setattr(StreamingPolicy, "_encode", lambda self, pixels, texts: self.policy.encode_images(
+            pixels, texts, self.metadata["compiled"]))  # the window keeps the buffer itself
+        with pytest.raises(AssertionError, match="shares memory"):
+            compiled_vs_eager(policy, episodes)
+    finally:
+        policy.backbone_call = None

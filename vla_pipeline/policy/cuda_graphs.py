@@ -15,7 +15,8 @@ MAX_GRAPHS = 16  # shapes kept: a streaming policy needs one per window length a
 
 class GraphedCall:
     """`GraphedCall(fn)(*tensors)` returns what `fn(*tensors)` returns (one tensor), from a replayed
-    CUDA graph. The result is the graph's own output buffer: read or copy it before the next call."""
+    CUDA graph. The result is the graph's own output buffer, overwritten by the next call with
+    the same shapes: whoever keeps it copies it (`StreamingPolicy` does)."""
 
     def __init__(self, fn):
         self.fn = fn

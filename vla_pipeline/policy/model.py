@@ -150,8 +150,9 @@ class MobileVLAPolicy(nn.Module):
 
     # -- encoding ------------------------------------------------------------------
 
-    def encode_images(self, pixel_values: torch.Tensor, instructions: list[str]) -> torch.Tensor:
-        """Normalised frames (N, 3, 224, 224) + one instruction each -> features (N, hidden)."""
+    def encode_images(self, pixel_values: torch.Tensor, instructions: list[str], compiled: bool = True) -> torch.Tensor:
+        """Normalised frames (N, 3, 224, 224) + one instruction each -> features (N, hidden).
+        `compiled=False` runs the backbone eagerly even where `compile_backbone` was called."""
         if len(instructions) != len(pixel_values):
             raise ValueError(f"{len(pixel_values)} frames but {len(instructions)} instructions")
         device = self.action_token.device
@@ -163,7 +164,8 @@ class MobileVLAPolicy(nn.Module):
         if tuple(pixel_values.shape[-2:]) != (size, size):
             # A vision tower for smaller images (a CPU preset): area-average the 224×224 frames down.
             pixel_values = F.interpolate(pixel_values, size=(size, size), mode="area")
-        return (self.backbone_call or self.frame_features)(
+        call = self.backbone_call if compiled and self.backbone_call is not None else self.frame_features
+        return call(
             pixel_values, prompts.input_ids, prompts.attention_mask, prompts.image_embeds_position_mask,
             prompts.position_ids, prompts.action_index,
         )
@@ -202,7 +204,10 @@ class MobileVLAPolicy(nn.Module):
 
     def compile_backbone(self) -> None:
         """A step that pays one launch, not one per kernel: on a GPU the backbone is captured in
-        CUDA graphs (one per input shape); elsewhere `torch.compile` runs it."""
+        CUDA graphs (one per input shape); elsewhere `torch.compile` runs it. Once: a policy
+        compiled before keeps its backbone call and the graphs captured so far."""
+        if self.backbone_call is not None:
+            return
         if self.action_token.is_cuda:
             from .cuda_graphs import GraphedCall
 

@@ -50,6 +50,7 @@ class StreamingPolicy:
         self.colour_order = _colour_order(colour_order)
         self.metadata = {**(metadata or {}), "compiled": False}
         # On a GPU the step is launch-bound: capture the backbone (CUDA graphs) unless told not to.
+        # Streams over one policy share its compiled backbone: it is compiled once, not per stream.
         if compiled if compiled is not None else policy.action_token.is_cuda:
             try:
                 policy.compile_backbone()
@@ -80,7 +81,7 @@ class StreamingPolicy:
         if instruction != self._instruction and self._pixels:
             # A new instruction changes every cached feature: re-encode the window's frames.
             stack = torch.stack(list(self._pixels))
-            self._features = deque(self._encode(stack, [instruction] * len(stack)), maxlen=self.config.window)
+            self._features = deque(self._encode(stack, [instruction] * len(stack)).unbind(0), maxlen=self.config.window)
         self._instruction = instruction
         self._pixels.append(pixels)
         self._features.append(self._encode(pixels[None], [instruction])[0])
@@ -88,13 +89,17 @@ class StreamingPolicy:
         return (actions * self.config.action_scale).float().cpu().numpy()
 
     def _encode(self, pixels: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        """The frames' features, in memory of their own: a compiled backbone (a CUDA graph,
+        torch.compile's reduce-overhead) returns one output buffer that its next call overwrites,
+        and the window keeps these features across steps."""
+        compiled = self.metadata["compiled"]
         try:
-            return self.policy.encode_images(pixels, instructions)
+            return self.policy.encode_images(pixels, instructions, compiled).clone()
         except Exception as error:
-            if self.policy.backbone_call is None:
+            if not compiled or self.policy.backbone_call is None:
                 raise
             self._fall_back(error)  # the compiled backbone failed on this input: eager from now on
-            return self.policy.encode_images(pixels, instructions)
+            return self.policy.encode_images(pixels, instructions).clone()
 
     def _fall_back(self, error: Exception) -> None:
         self.policy.backbone_call = None
@@ -106,6 +111,31 @@ class StreamingPolicy:
         return len(self._features)
 
 
+# The most an action of the compiled (CUDA-graph) step may differ from the eager step's, robot units
+# (a key press is 1.15): fp32 replays the very kernels eager runs; half precision leaves room for
+# kernels that round differently under capture.
+COMPILED_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.02, torch.float16: 0.02}
+
+
+def compiled_vs_eager(policy: MobileVLAPolicy, episodes: list[tuple[list, str]]) -> float:
+    """The largest |difference| of an action (robot units) between a compiled and an eager
+    StreamingPolicy stepped side by side over `episodes` ((BGR frames, instruction) each, a reset
+    between them). Each compiled step also checks that its window holds distinct tensors."""
+    compiled, eager = StreamingPolicy(policy, compiled=True), StreamingPolicy(policy, compiled=False)
+    if not compiled.metadata["compiled"]:
+        raise RuntimeError(f"the backbone could not be compiled: {compiled.metadata.get('compile_error')}")
+    largest = 0.0
+    for frames, instruction in episodes:
+        compiled.reset(), eager.reset()
+        for frame in frames:
+            got, expected = compiled.step(frame, instruction), eager.step(frame, instruction)
+            window = list(compiled._features)
+            if len({feature.data_ptr() for feature in window}) != len(window):
+                raise AssertionError("the compiled step's window shares memory between its frames")
+            largest = max(largest, float(np.abs(got - expected).max()))
+    return largest
+
+
 def load_bundle(bundle_dir, colour_order: str = "BGR", device: str | None = None,
                 compiled: bool | None = None) -> StreamingPolicy:
     """A StreamingPolicy from a deploy bundle (`vla-pipeline export`), with torch and transformers
@@ -115,9 +145,14 @@ def load_bundle(bundle_dir, colour_order: str = "BGR", device: str | None = None
     from .model import load_policy_dir
 
     bundle_dir = Path(bundle_dir)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     policy = load_policy_dir(bundle_dir, backbone_override=bundle_dir, dtype=bundle_dtype(bundle_dir)).to(device)
     return StreamingPolicy(policy, colour_order, {"bundle": str(bundle_dir)}, compiled=compiled)
+
+
+def default_device() -> str:
+    """Where a loaded policy runs unless told: the GPU where there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _colour_order(value: str) -> str:
