@@ -14,7 +14,7 @@ from pydantic import Field
 
 from assets.episodes import episode_windows
 from resources import ComputeResource, WindowStoreResource
-from resources.typed import dagster_config
+from resources.typed import optional_dagster_config
 from vla_pipeline.policy.policy_config import DEFAULT_BACKBONE, PolicyConfig
 from vla_pipeline.data.schema import ACTION_DIMS
 from vla_pipeline.training.split import (Split, load_split, save_split, split_from_store, split_location,
@@ -84,23 +84,27 @@ def train_val_split(context: dg.AssetExecutionContext, config: SplitConfig, wind
 CPU_PRESET_NAMES = ("cpu", "tiny", "small")
 
 
-def _shown_defaults() -> tuple[PolicyConfig, TrainConfig]:
-    """The setup whose values the launchpad shows: the CPU preset's when VLA_MODEL names it."""
-    cpu = (settings().model or "") in CPU_PRESET_NAMES
-    return (PolicyConfig.cpu(), TrainConfig.cpu()) if cpu else (PolicyConfig(), TrainConfig())
+def _setups(model: str) -> tuple[PolicyConfig, TrainConfig]:
+    """The policy and training setup of `model`: the CPU preset's own, or the full-size defaults."""
+    if model in CPU_PRESET_NAMES:
+        return PolicyConfig.cpu(), TrainConfig.cpu()
+    return PolicyConfig(backbone=model), TrainConfig()
 
 
-SHOWN_POLICY, SHOWN_TRAIN = _shown_defaults()
-PolicySettings = dagster_config(PolicyConfig, "PolicySettings", defaults=SHOWN_POLICY, exclude=("backbone",))
-TrainSettings = dagster_config(TrainConfig, "TrainSettings", defaults=SHOWN_TRAIN, exclude=("loader_workers",))
+FULL_SIZE, CPU_PRESET = _setups(DEFAULT_BACKBONE), _setups("cpu")
+PolicySettings = optional_dagster_config(PolicyConfig, "PolicySettings",
+                                         {"full size": FULL_SIZE[0], "CPU preset": CPU_PRESET[0]},
+                                         exclude=("backbone",))
+TrainSettings = optional_dagster_config(TrainConfig, "TrainSettings",
+                                        {"full size": FULL_SIZE[1], "CPU preset": CPU_PRESET[1]},
+                                        exclude=("loader_workers",))
 
 
 class TrainingConfig(dg.Config):
     """`model`: "cpu" (the CPU preset: a small Kosmos-2 built in-process and trained in full, with
     its own training setup), a hub id or a save_pretrained folder. `policy` and `train` are the
-    policy's and the training's settings, each with its type, bounds and default; the values you
-    change from the defaults shown are applied onto the setup of the `model` chosen (so `model:
-    cpu` in a launchpad that shows the full-size defaults trains the CPU preset with your changes)."""
+    policy's and the training's settings, each with its type, bounds and each setup's default: a
+    field left unset takes the default of the `model` chosen, a field set applies as given."""
 
     model: str = Field(default_factory=lambda: settings().model or DEFAULT_BACKBONE,
                        description="cpu (the CPU preset), a Kosmos-2 hub id or a save_pretrained folder")
@@ -108,14 +112,10 @@ class TrainingConfig(dg.Config):
     train: TrainSettings = TrainSettings()
 
     def configs(self) -> tuple[PolicyConfig, TrainConfig]:
-        """(PolicyConfig, TrainConfig): the model's setup with the changed values on it."""
-        cpu = self.model in CPU_PRESET_NAMES
-        policy, train = (PolicyConfig.cpu(), TrainConfig.cpu()) if cpu else (
-            PolicyConfig(backbone=self.model), TrainConfig())
-        changed_policy = {k: v for k, v in self.policy.model_dump().items() if v != getattr(SHOWN_POLICY, k)}
-        changed_train = {k: v for k, v in self.train.model_dump().items() if v != getattr(SHOWN_TRAIN, k)}
+        """(PolicyConfig, TrainConfig): the model's setup with the values set on it."""
+        policy, train = _setups(self.model)
         try:
-            return policy.replace(**changed_policy), train.replace(**changed_train)
+            return policy.replace(**self.policy.values_set()), train.replace(**self.train.values_set())
         except ValueError as error:
             raise dg.Failure(str(error), allow_retries=False) from None
 
@@ -189,6 +189,8 @@ def lora_adapter(
             "wall_time_s": round(result.seconds, 1),
             "batch": f"{result.batch_size} × {result.grad_accum} accumulation"
                      + (f" × {compute.processes} processes" if compute.processes > 1 else ""),
+            "lr": train_config.lr,
+            "setup": training.setup,
             **{key: round(value, 2) for key, value in training.measured_speed().items()},
             "policy_dir": dg.MetadataValue.path(str(training.policy_dir.resolve())),
             "mlflow_run": dg.MetadataValue.url(run_link(training.run_id, training.experiment_id)),

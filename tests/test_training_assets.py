@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -14,6 +17,8 @@ from resources import WindowStoreResource
 from vla_pipeline.data.ingest import ingest_episodes
 from vla_pipeline.training.split import load_split
 from vla_pipeline.data.store import WindowStore
+from vla_pipeline.policy.policy_config import PolicyConfig
+from vla_pipeline.training.train_config import TrainConfig
 
 
 def _ingest(folder, store_path, count, offset=0):
@@ -188,29 +193,50 @@ def test_a_failing_training_process_fails_the_run_with_its_reason(episode_dir, t
     assert "rank 1: ValueError: no training windows" in failure, failure
 
 
+def _materialize_from_the_command_line(tmp_path, store_path, config: dict) -> subprocess.CompletedProcess:
+    """`dagster asset materialize --config-json` on the split and lora_adapter, as a user runs it, with
+    VLA_MODEL unset (the launchpad shows the full-size defaults); its instance is tmp_path/dagster_home."""
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "VLA_STORE": str(store_path),
+           "VLA_MODELS": str(tmp_path / "models"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("VLA_MODEL", None)
+    run_config = json.dumps({"ops": {"lora_adapter": {"config": config}}})
+    return subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m",
+                           "vla_pipeline.definitions", "--select", "train_val_split,lora_adapter", "--config-json",
+                           run_config], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
 @pytest.mark.parametrize("policy, named", [
     ({"lora_r": 0}, "policy.lora_r"),  # out of bounds: refused as the step starts, before any work
     ({"lora_targets": "vision"}, "policy:lora_targets"),  # not a choice: refused before the run starts
 ])
 def test_a_bad_config_value_fails_at_once_with_the_field_name(episode_dir, tmp_path, policy, named):
-    import os
-    import subprocess
-    import sys
-
     store_path = tmp_path / "store.zarr"
     _ingest(episode_dir, store_path, 2)
-    config = json.dumps({"ops": {"lora_adapter": {"config": {"model": "cpu", "policy": policy}}}})
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    done = subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m",
-                           "vla_pipeline.definitions", "--select", "train_val_split,lora_adapter", "--config-json",
-                           config], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "DAGSTER_HOME": str(home), "VLA_STORE": str(store_path),
-                                            "VLA_MODELS": str(tmp_path / "models")})
+    done = _materialize_from_the_command_line(tmp_path, store_path, {"model": "cpu", "policy": policy})
     assert done.returncode != 0
     output = done.stdout + done.stderr
     assert named in output, output[-3000:]
     assert "training the CPU preset" not in output and not (tmp_path / "models").exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_value_equal_to_the_shown_default_still_applies(episode_dir, tmp_path):
+    """epochs: 3 is the full-size default the launchpad shows, and not the CPU preset's (20): set
+    with model: cpu, it is what trains."""
+    store_path = tmp_path / "store.zarr"
+    _ingest(episode_dir, store_path, 4)
+    done = _materialize_from_the_command_line(tmp_path, store_path, {"model": "cpu", "train": {"epochs": 3}})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    with dg.DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey("lora_adapter"))
+        metadata = event.asset_materialization.metadata
+    assert metadata["epochs"].value == 3
+    # The fields not set are the CPU preset's.
+    assert metadata["batch"].value == "8 × 1 accumulation" and metadata["lr"].value == 2e-3
 
 
 def test_the_cpu_preset_keeps_its_earlier_names():
@@ -222,3 +248,43 @@ def test_the_cpu_preset_keeps_its_earlier_names():
     assert policy.preset == "small" and not policy.lora_enable and train.epochs == 20
     changed, _ = TrainingConfig(model="cpu", policy={"lora_r": 8}).configs()
     assert changed == policy.replace(lora_r=8)
+
+
+def test_unset_fields_are_the_chosen_models_defaults_and_set_ones_always_apply():
+    from assets.training import TrainingConfig
+    from vla_pipeline.policy.policy_config import DEFAULT_BACKBONE
+
+    # Nothing set: exactly each model's setup, so the training fingerprints are those of before.
+    assert TrainingConfig(model="cpu").configs() == (PolicyConfig.cpu(), TrainConfig.cpu())
+    assert TrainingConfig(model=DEFAULT_BACKBONE).configs() == (PolicyConfig(), TrainConfig())
+    # Values equal to the other setup's default (the one a launchpad may show) apply all the same.
+    policy, train = TrainingConfig(model="cpu", policy={"chunk": 10, "action_head": "regression"},
+                                   train={"epochs": 3}).configs()
+    assert (policy.chunk, policy.action_head, train.epochs) == (10, "regression", 3)
+    assert policy.lstm_hidden == PolicyConfig.cpu().lstm_hidden and train.lr == TrainConfig.cpu().lr
+    policy, train = TrainingConfig(model=DEFAULT_BACKBONE, policy={"chunk": 1, "lora_enable": False},
+                                   train={"epochs": 20}).configs()
+    assert (policy.chunk, policy.lora_enable, train.epochs) == (1, False, 20)
+    assert train.max_steps is None and TrainingConfig(model="cpu", train={"max_steps": 5}).configs()[1].max_steps == 5
+
+
+def test_the_launchpad_shows_each_models_default():
+    from assets.training import PolicySettings, TrainSettings
+
+    assert PolicySettings.model_fields["chunk"].description.endswith("(default: 10 full size, 1 CPU preset)")
+    assert PolicySettings.model_fields["window"].description.endswith("(default: 8)")
+    assert TrainSettings.model_fields["epochs"].description.endswith("(default: 3 full size, 20 CPU preset)")
+    assert TrainSettings.model_fields["max_steps"].description.endswith("(default: none)")
+
+
+def test_a_field_whose_default_is_none_in_one_setup_only_cannot_be_made_optional():
+    from pydantic import BaseModel
+
+    from resources.typed import optional_dagster_config
+
+    class Limits(BaseModel):
+        max_steps: int | None = None
+
+    # Unset (None) would have to mean both "no limit" and "the other setup's limit".
+    with pytest.raises(ValueError, match="Limits.max_steps: its default is None in one setup and not in another"):
+        optional_dagster_config(Limits, "LimitSettings", {"a": Limits(), "b": Limits(max_steps=5)})
