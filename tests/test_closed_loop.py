@@ -69,6 +69,18 @@ def test_driver_feeds_the_start_frame_twice_like_the_recordings(tiny_backbone_pa
     assert driver.stream.frames_in_window == 3
 
 
+def test_the_drivers_of_every_rollout_share_one_compiled_backbone(tiny_backbone_path, monkeypatch):
+    import torch
+
+    from vla_pipeline.sim.rollout import plan, run_rollouts
+
+    compiles = []
+    monkeypatch.setattr(torch, "compile", lambda module, **options: compiles.append(1) or module)
+    policy = StreamingPolicy(build_policy(PolicyConfig.tiny(backbone=str(tiny_backbone_path))), compiled=True)
+    results = run_rollouts(lambda: PolicyDriver(policy), plan(3, 0), env_kwargs={"height": 90, "width": 160})
+    assert len(results) == 3 and len(compiles) == 1
+
+
 def _materialize(world, closed_loop_config, **options):
     split = {"train": world["ids"][:-2], "val": world["ids"][-2:], "val_fraction": 0.25}
 
