@@ -10,6 +10,7 @@ import numpy as np
 from vla_pipeline.data.episodes import inspect_episode, read_frames
 from vla_pipeline.data.schema import ACTION_SCALE, parse_scenario
 from vla_pipeline.sim.operator import write_sample_episodes
+from vla_pipeline.sim import varied
 from vla_pipeline.sim.scene import WORLD_ID
 
 
@@ -93,8 +94,27 @@ GOLDEN_SAMPLES_SHA256 = "6acf0a622cf804daeaa05efda2c17d9c6bcf9f80b3aa428badd8804
 
 
 def test_samples_match_the_golden_digest(tmp_path):
-    paths = write_sample_episodes(tmp_path, 7, seed=3, height=90, width=160)
+    """BoxNav-v0's samples, which stores written before BoxNav-v1 hold, are still written alike."""
+    paths = write_sample_episodes(tmp_path, 7, seed=3, height=90, width=160, world=WORLD_ID)
     assert contents_digest(paths) == GOLDEN_SAMPLES_SHA256
     for path in paths:  # every sample names the world that rendered it, where a policy can be driven
         with h5py.File(path) as h5:
             assert h5.attrs["simulator"] == WORLD_ID
+
+
+def test_samples_come_from_the_world_that_needs_sight(tmp_path):
+    """By default the operator drives BoxNav-v1: each episode at least the collector's 18 frames,
+    ending with its stop press (a zero action) and no stop before it; the keys move the robot by
+    whole presses."""
+    paths = write_sample_episodes(tmp_path, 12, seed=2, height=48, width=64)
+    lengths = []
+    for path in paths:
+        with h5py.File(path) as h5:
+            assert h5.attrs["simulator"] == varied.WORLD_ID
+            actions = h5["actions"][()]
+            lengths.append(len(actions))
+            assert not actions[-1].any() and np.abs(actions[1:-1, :2]).max(axis=1).min() > 0
+            if "action_event_types" in h5:
+                events = [e.decode() for e in h5["action_event_types"][()]]
+                assert events[-1] == "stop_action" and "stop_action" not in events[:-1]
+    assert min(lengths) >= 18 and max(lengths) > 18  # longer where the scene asks for it

@@ -2,11 +2,15 @@
 as a gymnasium environment, model-free driving baselines, closed-loop rollouts and their
 pictures. Imports the data stage only.
 
-Importing it registers the environment as "vla_pipeline/BoxNav-v0" (gymnasium.make)."""
+Importing it registers the environments "vla_pipeline/BoxNav-v0" and "vla_pipeline/BoxNav-v1"
+(gymnasium.make)."""
 
 import gymnasium
 
-from .env import ENV_ID, MAX_PRESSES
+from . import varied
+from .env import ENV_ID, MAX_PRESSES, SIGHT_ENV_ID
 
-if ENV_ID not in gymnasium.registry:  # a second import (or a reload) must not register twice
-    gymnasium.register(id=ENV_ID, entry_point="vla_pipeline.sim.env:BoxNavEnv", max_episode_steps=MAX_PRESSES)
+for _id, _presses in ((ENV_ID, MAX_PRESSES), (SIGHT_ENV_ID, varied.MAX_PRESSES)):
+    if _id not in gymnasium.registry:  # a second import (or a reload) must not register twice
+        gymnasium.register(id=_id, entry_point="vla_pipeline.sim.env:BoxNavEnv", max_episode_steps=_presses,
+                           kwargs={"world": _id})

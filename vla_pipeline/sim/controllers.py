@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from ..data.schema import KEY_ACTIONS, side_of_instruction
+from . import varied
 from .operator import CORE_PRESSES, guide_keys
 
 
@@ -45,22 +46,32 @@ class KeyScript:
         return key_action(key)
 
 
+def _v1(info: dict) -> bool:
+    return info.get("world") == varied.WORLD_ID
+
+
 class ScriptedGuide(KeyScript):
-    """Knows the side and the distance (from the reset info): the operator's core guide. The ceiling."""
+    """Knows the scene from the reset info: in BoxNav-v0 the side and the distance (the operator's
+    core guide); in BoxNav-v1 the obstacles and the target (the operator's own driving,
+    `varied.operator_keys`). The ceiling."""
 
     def keys_for(self, instruction: str, info: dict) -> str:
+        if _v1(info):
+            return varied.operator_keys(info["obstacles"], info["target_xy"], info["side"])
         return guide_keys(info["side"], info["distance"], "core", CORE_PRESSES)
 
 
 class BlindSideScript(KeyScript):
-    """Knows the side from the instruction but not the distance, so plays the core guide for a
-    medium one: what a policy that reads the instruction and ignores the image can do."""
+    """Knows the side from the instruction but nothing of the scene, so plays the operator's keys
+    for a middling one (v0: the core guide at medium distance; v1: `varied.nominal_keys`): what
+    a policy that reads the instruction and ignores the image might do. The best such driver is
+    found by search (`blind_search.BestBlind`)."""
 
     def keys_for(self, instruction: str, info: dict) -> str:
         side = side_of_instruction(instruction)
         if side is None:
             raise ValueError(f"instruction {instruction!r} names no single side (left or right)")
-        return guide_keys(side, "medium", "core", CORE_PRESSES)
+        return varied.nominal_keys(side) if _v1(info) else guide_keys(side, "medium", "core", CORE_PRESSES)
 
 
 class AlwaysForward(KeyScript):
@@ -69,6 +80,3 @@ class AlwaysForward(KeyScript):
     def keys_for(self, instruction: str, info: dict) -> str:
         return ""
 
-
-BASELINES = {"scripted_guide": ScriptedGuide, "blind_side_script": BlindSideScript,
-             "always_forward": AlwaysForward}

@@ -22,13 +22,16 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from ..data.schema import ACTION_SCALE, INSTRUCTION_TEMPLATE, Scenario, parse_scenario
+from ..data.schema import ACTION_SCALE, DEAD_BAND, INSTRUCTION_TEMPLATE, Scenario, parse_scenario
+from . import varied
 from .geometry import Point, shortest_path, sweep
 from .operator import core_goal_x
 from .render import Renderer
 from .scene import PRESS_SECONDS, TARGETS, WORLD_ID, Scene, build_scene
 
-ENV_ID = WORLD_ID
+ENV_ID = WORLD_ID  # v0: the scenes of a scenario are all alike
+SIGHT_ENV_ID = varied.WORLD_ID  # v1: only the camera tells the geometry (vla_pipeline/sim/varied.py)
+ENV_IDS = (ENV_ID, SIGHT_ENV_ID)
 # A core guide ends 0.9 m short of the target along x, and the target stands up to 0.1 m off the
 # centre line, so the guide's last pose is at most 0.906 m away; 1.0 m counts it as arrived while
 # the pose one press earlier (1.36 m away) does not.
@@ -42,7 +45,8 @@ ACTION_TOLERANCE = 1e-4  # robot units past ±ACTION_SCALE still taken as full s
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " " + string.punctuation
 SCENARIO_FORM = ("{1box|2box}_{hori|vert}_{left|right}_{core|variant}_{close|medium|far}, "
                  "optionally prefixed basket_ (e.g. 1box_hori_left_core_medium)")
-OUTCOMES = ("success", "collision", "wrong_side", "lost", "timeout", "invalid_action")
+# stopped_away: in v1, a stop press where the robot has not arrived
+OUTCOMES = ("success", "collision", "wrong_side", "lost", "stopped_away", "timeout", "invalid_action")
 
 
 def scenario_from_token(token) -> Scenario:
@@ -102,6 +106,10 @@ class Episode:
 class BoxNavEnv(gymnasium.Env):
     """Go round the obstacle on the instructed side and reach the target. Reward 1 on success.
 
+    `world` is ENV_ID (v0: success on entering the circle round the target) or SIGHT_ENV_ID (v1: the
+    geometry varies per episode; an action within the dead band on both axes is the stop press,
+    which ends the episode: success where the robot has arrived, else `stopped_away`).
+
     reset(options={"scenario": token, "target": "cup"|"bottle"|"basket"}); without a scenario
     it is drawn from the seed. A vector env's reset hands one options dict to every sub-env, so
     `scenario` may also map seeds to tokens ({seed: token, ...}): each sub-env takes its own
@@ -112,12 +120,16 @@ class BoxNavEnv(gymnasium.Env):
                 "observation_colour_order": "BGR", "render_colour_order": "RGB"}
 
     def __init__(self, render_mode: str | None = None, height: int = 720, width: int = 1280,
-                 max_presses: int = MAX_PRESSES, camera: bool = True):
+                 max_presses: int | None = None, camera: bool = True, world: str = ENV_ID):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode={render_mode!r}: expected None or 'rgb_array'")
+        if world not in ENV_IDS:
+            raise ValueError(f"world={world!r}: expected one of {', '.join(ENV_IDS)}")
+        max_presses = max_presses or (MAX_PRESSES if world == ENV_ID else varied.MAX_PRESSES)
         if max_presses < 1:
             raise ValueError(f"max_presses={max_presses}: expected at least 1")
         self.render_mode, self.height, self.width, self.max_presses = render_mode, height, width, max_presses
+        self.world = world
         # camera=False: black frames, nothing rendered, for drivers that never look (the baselines).
         # The scene and every move are the same: rendering only draws the frames' own noise.
         self.black = None if camera else np.zeros((height, width, 3), np.uint8)
@@ -142,12 +154,15 @@ class BoxNavEnv(gymnasium.Env):
         if target not in TARGETS:
             raise ValueError(f"options['target'] = {target!r}: expected one of {', '.join(TARGETS)}")
         rng = episode_generator(self.np_random)
-        # The scene of a scripted episode of this scenario, drawn as the operator draws it.
-        scene = build_scene(scenario, target, core_goal_x(scenario.distance), rng)
+        # The scene of an episode of this scenario, drawn as the operator draws it.
+        if self.world == ENV_ID:
+            scene, goal_radius = build_scene(scenario, target, core_goal_x(scenario.distance), rng), SUCCESS_RADIUS
+        else:
+            scene, goal_radius = varied.build_varied_scene(scenario, target, rng), varied.ARRIVAL_DISTANCE[1]
         renderer = Renderer(scene, rng, self.height, self.width) if self.black is None else None
         self.episode = Episode(scenario, target, scene, renderer,
                                frame=renderer.frame(0.0, 0.0) if renderer else self.black,
-                               shortest_path=shortest_path((0.0, 0.0), scene.target_xy, SUCCESS_RADIUS,
+                               shortest_path=shortest_path((0.0, 0.0), scene.target_xy, goal_radius,
                                                            scene.footprint, scenario.side))
         return self._observation(), self._info()
 
@@ -164,6 +179,10 @@ class BoxNavEnv(gymnasium.Env):
         # As a recorded key press: float32 command values, the base driven for PRESS_SECONDS.
         command = np.clip(np.asarray(action, dtype=np.float32), self.action_space.low, self.action_space.high)
         command = command.astype(np.float64)
+        if self.world != ENV_ID and np.all(np.abs(command) <= DEAD_BAND * ACTION_SCALE):
+            episode.outcome, episode.reason = self._judge_stop()
+            reward = 1.0 if episode.outcome == "success" else 0.0
+            return self._observation(), reward, True, False, self._info()
         move = (float(command[0] * PRESS_SECONDS), float(command[1] * PRESS_SECONDS))
         positions, touched = sweep(episode.pose, move, episode.obstacles)
         _, far_edge_x, low_y, high_y = episode.scene.footprint
@@ -189,11 +208,22 @@ class BoxNavEnv(gymnasium.Env):
             return "lost", (f"left the arena at ({x:.2f}, {y:.2f}): more than {ARENA_HALF_WIDTH} m sideways "
                             f"or {ARENA_BEHIND} m behind the start")
         distance = math.dist(episode.pose, episode.scene.target_xy)
-        if episode.passed_side == side and distance <= SUCCESS_RADIUS:
+        if self.world == ENV_ID and episode.passed_side == side and distance <= SUCCESS_RADIUS:
             return "success", f"{distance:.2f} m from the {episode.target} after passing on the {side}"
         if len(episode.path) - 1 >= self.max_presses:
             return "timeout", f"{self.max_presses} presses without reaching the {episode.target}"
         return None, None
+
+    def _judge_stop(self) -> tuple[str, str]:
+        """A stop press in v1: arrived, or stopped_away with why."""
+        episode, side = self.episode, self.episode.scenario.side
+        if episode.passed_side != side:
+            return "stopped_away", f"stopped at ({episode.pose[0]:.2f}, {episode.pose[1]:.2f}) before passing the obstacle"
+        problem = varied.arrival(episode.pose, episode.scene.target_xy)
+        if problem is not None:
+            return "stopped_away", problem
+        distance = math.dist(episode.pose, episode.scene.target_xy)
+        return "success", f"stopped {distance:.2f} m before the {episode.target} after passing on the {side}"
 
     def _terminated(self) -> bool:
         return self.episode.outcome not in (None, "timeout")
@@ -217,7 +247,8 @@ class BoxNavEnv(gymnasium.Env):
             "presses": len(episode.path) - 1, "path_length": float(episode.path_length),
             "shortest_path": float(episode.shortest_path), "outcome": episode.outcome,
             "reason": episode.reason, "obstacles": episode.obstacles,
-            "target_xy": tuple(float(v) for v in episode.scene.target_xy), "success_radius": SUCCESS_RADIUS,
+            "target_xy": tuple(float(v) for v in episode.scene.target_xy), "world": self.world,
+            "success_radius": SUCCESS_RADIUS if self.world == ENV_ID else varied.ARRIVAL_DISTANCE[1],
         }
 
     def render(self):

@@ -18,8 +18,12 @@ import h5py
 import numpy as np
 
 from ..data.schema import INSTRUCTION_TEMPLATE, KEY_ACTIONS, parse_scenario
+from . import varied
 from .render import Renderer
 from .scene import APPROACH_PRESSES, PRESS_SECONDS, WORLD_ID, build_scene
+
+WORLDS = (WORLD_ID, varied.WORLD_ID)
+SAMPLE_WORLD = varied.WORLD_ID  # the sample episodes' world: only the camera tells its geometry
 
 CORE_PRESSES = 17  # plus the episode_start frame: 18 frames
 ACTION_CHUNK_SIZE = 8
@@ -78,15 +82,21 @@ def _fixed_bytes(text: str) -> np.ndarray:
     return np.array([encoded], dtype=f"S{len(encoded)}")
 
 
-def write_episode(path: Path, *, scenario: str, keys: str, rng: np.random.Generator,
+def write_episode(path: Path, *, scenario: str, keys: str | None, rng: np.random.Generator,
                   layout: str = "legacy", instruction: str | None = None, basket_era: bool = False,
-                  height: int = 720, width: int = 1280, when: datetime) -> Path:
-    """Write one episode. `path` is the .h5 file (or a directory: the collector's name is used).
+                  height: int = 720, width: int = 1280, when: datetime, world: str = WORLD_ID) -> Path:
+    """Write one episode of `world`. `path` is the .h5 file (or a directory: the collector's name is used).
 
-    `keys` holds one teleop key per press (' ' = stop). Legacy images are BGR, observations RGB.
+    `keys` holds one teleop key per press (' ' = stop). In BoxNav-v1 the scene is drawn first and
+    `keys=None` lets the operator drive it (`varied.operator_keys`; a "variant" scenario strafes
+    out one press wider). Legacy images are BGR, observations RGB.
     """
     if layout not in ("legacy", "observations"):
         raise ValueError(f"unknown layout {layout!r}: expected 'legacy' or 'observations'")
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}: expected one of {', '.join(WORLDS)}")
+    if keys is None and world == WORLD_ID:
+        raise ValueError(f"{WORLD_ID} episodes need their keys")
     path = Path(path)
     if path.is_dir():
         path = path / episode_filename(when, scenario, basket_era)
@@ -98,9 +108,16 @@ def write_episode(path: Path, *, scenario: str, keys: str, rng: np.random.Genera
     if layout == "observations" and instruction is None:
         instruction = INSTRUCTION_TEMPLATE.format(side=tokens.side, target=target)
 
-    actions, poses, goal_x = press_poses(keys)
+    if world == WORLD_ID:
+        scene = build_scene(tokens, target, press_poses(keys)[2], rng)
+    else:
+        scene = varied.build_varied_scene(tokens, target, rng)
+        if keys is None:
+            keys = varied.operator_keys([(b.x0, b.x1, b.y0, b.y1) for b in scene.boxes], scene.target_xy,
+                                        tokens.side, wider=tokens.pattern == "variant")
+    actions, poses, _ = press_poses(keys)
     events = ["episode_start"] + ["stop_action" if k == " " else "start_action" for k in keys]
-    renderer = Renderer(build_scene(tokens, target, goal_x, rng), rng, height, width)
+    renderer = Renderer(scene, rng, height, width)
     images = np.stack([renderer.frame(x, y) for x, y in poses])
 
     with h5py.File(path, "w") as f:
@@ -122,7 +139,7 @@ def write_episode(path: Path, *, scenario: str, keys: str, rng: np.random.Genera
                 "collection_datetime": when.isoformat(),
                 "collection_hour": when.hour,
                 "collection_minute": when.minute,
-                "simulator": WORLD_ID,
+                "simulator": world,
             })
         else:
             f.create_dataset("observations/images", data=np.ascontiguousarray(images[..., ::-1]), compression="gzip", chunks=True)
@@ -130,14 +147,18 @@ def write_episode(path: Path, *, scenario: str, keys: str, rng: np.random.Genera
             f.create_dataset("language_instruction", data=_fixed_bytes(instruction),
                              compression="gzip", chunks=True)
             f.attrs.update({"scenario": scenario, "pattern": tokens.pattern, "distance": tokens.distance,
-                            "simulator": WORLD_ID})
+                            "simulator": world})
     return path
 
 
 def write_sample_episodes(out_dir: str | Path, n: int, seed: int = 0, *, height: int = 720,
                           width: int = 1280, progress: Callable[[str], None] | None = None,
-                          workers: int | None = None) -> list[Path]:
-    """Write `n` episodes; the last ~1 in 6 are the later basket era in the observations layout.
+                          workers: int | None = None, world: str = SAMPLE_WORLD) -> list[Path]:
+    """Write `n` episodes of `world`; the last ~1 in 6 are the later basket era in the observations layout.
+
+    BoxNav-v1 (the default): the operator drives each drawn scene (`varied.operator_keys`), and
+    every episode ends with its stop press. BoxNav-v0: the scripted key guides, some episodes
+    shorter or longer than 18 frames, some with a stop press part-way.
 
     Every episode is planned here, in order, then rendered and written by `workers` processes
     (default: every CPU for camera-size frames, this process alone for small test frames); each
@@ -156,14 +177,16 @@ def write_sample_episodes(out_dir: str | Path, n: int, seed: int = 0, *, height:
         scenario = "_".join([str(rng.choice(["1box", "2box"])), str(rng.choice(["hori", "vert"])), side,
                              "core" if rng.random() < 0.6 else "variant",
                              str(rng.choice(["close", "medium", "far"]))])
-        presses = CORE_PRESSES
-        if i % 10 == 4:
-            presses = int(rng.integers(11, 17))  # 12-17 frames
-        elif i % 10 == 8:
-            presses = int(rng.integers(19, 24))  # 20-24 frames
-        _, _, _, pattern, distance = scenario.split("_")
         episode_rng = np.random.default_rng([seed, i])  # episode i is the same whatever n is
-        keys = guide_keys(side, distance, pattern, presses, episode_rng, with_stop=i % 10 == 2)
+        keys = None  # v1: the operator drives the scene it is shown
+        if world == WORLD_ID:
+            presses = CORE_PRESSES
+            if i % 10 == 4:
+                presses = int(rng.integers(11, 17))  # 12-17 frames
+            elif i % 10 == 8:
+                presses = int(rng.integers(19, 24))  # 20-24 frames
+            _, _, _, pattern, distance = scenario.split("_")
+            keys = guide_keys(side, distance, pattern, presses, episode_rng, with_stop=i % 10 == 2)
         instruction = None
         if basket_era:
             instruction = INSTRUCTION_TEMPLATE.format(side=side, target="basket")
@@ -171,7 +194,8 @@ def write_sample_episodes(out_dir: str | Path, n: int, seed: int = 0, *, height:
             instruction = INSTRUCTION_TEMPLATE.format(side=side, target="bottle" if rng.random() < 0.3 else "cup")
         jobs.append(dict(path=out_dir / episode_filename(clock, scenario, basket_era), scenario=scenario,
                          keys=keys, rng=episode_rng, layout="observations" if basket_era else "legacy",
-                         instruction=instruction, basket_era=basket_era, height=height, width=width, when=clock))
+                         instruction=instruction, basket_era=basket_era, height=height, width=width, when=clock,
+                         world=world))
         clock += timedelta(minutes=int(rng.integers(3, 75)), seconds=int(rng.integers(0, 60)))
         if clock.hour >= 19:  # collection stops for the day
             clock = (clock + timedelta(days=1)).replace(hour=9, minute=int(rng.integers(0, 60)))
@@ -189,7 +213,9 @@ def write_sample_episodes(out_dir: str | Path, n: int, seed: int = 0, *, height:
         for job, path in zip(jobs, written):
             paths.append(path)
             if progress is not None:
-                progress(f"wrote {path.name} ({len(job['keys']) + 1} frames)")
+                with h5py.File(path, "r") as f:
+                    frames = len(f["actions"])
+                progress(f"wrote {path.name} ({frames} frames)")
     return paths
 
 

@@ -12,15 +12,19 @@ from .rollout import DISTANCES, RolloutResult
 from .scene import PRESS_SECONDS
 
 OUTCOME_COLOURS = {"success": "tab:green", "collision": "tab:red", "wrong_side": "tab:orange",
-                   "lost": "tab:purple", "timeout": "tab:gray", "invalid_action": "black",
+                   "lost": "tab:purple", "stopped_away": "tab:brown", "timeout": "tab:gray", "invalid_action": "black",
                    "controller_error": "black"}
+# Each rollout's scene (boxes, target) in a panel gets its own colour: which target goes with which boxes.
+SCENE_COLOURS = ("tab:blue", "tab:olive", "tab:cyan", "tab:pink", "navy", "teal")
 VIDEO_WIDTH = 320  # px; enough to see the scene, small enough to attach anywhere
 
 
 def paths_figure(results: list[RolloutResult], columns: int = 4) -> bytes:
     """PNG: one top-down panel per side/distance/boxes cell (forward is up, the robot's left is
-    left) with the boxes, the target and its success circle, and every rollout's path coloured
-    by its outcome."""
+    left) with each rollout's scene and path: its boxes outlined and its target starred in a colour
+    of its own, both labelled with their lateral offsets (m, + = left), the target's success
+    circle (BoxNav-v1: the farthest arrival distance), and the path coloured by its outcome, its
+    last pose ringed."""
     # The object-oriented API: no pyplot state, no backend switch for the whole process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -43,15 +47,24 @@ def paths_figure(results: list[RolloutResult], columns: int = 4) -> bytes:
     for panel, cell in enumerate(sorted(cells, key=reading_order)):
         cell_results = cells[cell]
         ax = figure.add_subplot(rows, columns, panel + 1)
-        for result in cell_results:
+        for number, result in enumerate(cell_results):
+            own = SCENE_COLOURS[number % len(SCENE_COLOURS)]
             for x0, x1, y0, y1 in result.obstacles:  # plotted as (-y, x): left on the left, forward up
-                ax.add_patch(Rectangle((-y1, x0), y1 - y0, x1 - x0, color="tab:red", alpha=0.25, lw=0))
+                ax.add_patch(Rectangle((-y1, x0), y1 - y0, x1 - x0, facecolor="tab:red", alpha=0.15, lw=0))
+                ax.add_patch(Rectangle((-y1, x0), y1 - y0, x1 - x0, fill=False, edgecolor=own, lw=0.9))
+            low, high = min(r[2] for r in result.obstacles), max(r[3] for r in result.obstacles)
+            near = min(r[0] for r in result.obstacles)
+            ax.annotate(f"{(low + high) / 2:+.2f}", (-(low + high) / 2, near), fontsize=6, color=own,
+                        ha="center", va="top")
             tx, ty = result.target_xy
-            ax.add_patch(Circle((-ty, tx), result.success_radius, fill=False, ls=":", color="tab:blue", lw=0.8))
-            ax.plot(-ty, tx, marker="*", color="tab:blue", ms=8)
+            ax.add_patch(Circle((-ty, tx), result.success_radius, fill=False, ls=":", color=own, lw=0.7))
+            ax.plot(-ty, tx, marker="*", color=own, ms=8)
+            ax.annotate(f"{ty:+.2f}", (-ty, tx), xytext=(0, 5), textcoords="offset points", fontsize=6,
+                        color=own, ha="center")
             path = np.asarray(result.path)
-            ax.plot(-path[:, 1], path[:, 0], ".-", color=OUTCOME_COLOURS.get(result.outcome, "black"),
-                    lw=1.2, ms=3, alpha=0.8)
+            colour = OUTCOME_COLOURS.get(result.outcome, "black")
+            ax.plot(-path[:, 1], path[:, 0], ".-", color=colour, lw=1.2, ms=3, alpha=0.8)
+            ax.plot(-path[-1, 1], path[-1, 0], "o", mfc="none", mec=colour, ms=6)
         ax.set_title(f"{cell} ({len(cell_results)})", fontsize=9)
         ax.set_aspect("equal")
         ax.set_xlim(-2.6, 2.6)

@@ -25,8 +25,15 @@ import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
 from ..data.schema import INSTRUCTION_TEMPLATE
-from .controllers import BASELINES, Controller, ScriptedGuide
-from .env import ENV_ID, MAX_PRESSES, OUTCOMES, action_problem
+from .blind_search import BestBlind
+from .controllers import AlwaysForward, BlindSideScript, Controller, ScriptedGuide
+from .env import ENV_ID, OUTCOMES, action_problem
+
+# The drivers that need no model, from the ceiling to the floor: the operator's own driving (it
+# knows the scene), the best open-loop key sequence that depends only on the instruction (found by
+# search: the ceiling of every driver that ignores the camera), a naive side-aware script, and W.
+BASELINES = {"scripted_guide": ScriptedGuide, "best_blind": BestBlind, "blind_side_script": BlindSideScript,
+             "always_forward": AlwaysForward}
 
 SIDES, DISTANCES, BOX_COUNTS, LAYOUTS = ("left", "right"), ("close", "medium", "far"), ("1box", "2box"), ("hori", "vert")
 CELLS = [(side, distance, boxes) for side in SIDES for distance in DISTANCES for boxes in BOX_COUNTS]
@@ -105,7 +112,8 @@ def plan(episodes: int, seed: int) -> list[tuple[int, str]]:
 
 def _make_env(env_id: str, env_kwargs: dict):
     # Module level, so a worker unpickles it by name: importing this module registers the env.
-    return gymnasium.make(env_id, max_episode_steps=env_kwargs.get("max_presses", MAX_PRESSES), **env_kwargs)
+    limit = {"max_episode_steps": env_kwargs["max_presses"]} if env_kwargs.get("max_presses") else {}
+    return gymnasium.make(env_id, **limit, **env_kwargs)
 
 
 def open_envs(envs: int, env_kwargs: dict | None = None, env_id: str = ENV_ID) -> gymnasium.vector.VectorEnv:
@@ -272,7 +280,7 @@ def _rates(results: list[RolloutResult]) -> dict:
 def run_baselines(plan: list[tuple[int, str]], envs: int = 1, env_kwargs: dict | None = None,
                   on_result: Callable[[str, RolloutResult], None] | None = None,
                   env_id: str = ENV_ID) -> dict[str, list[RolloutResult]]:
-    """The model-free drivers over one plan: the ceiling, image-blind, and the floor. None of them
+    """The model-free drivers over one plan (BASELINES): the ceiling, image-blind, and the floor. None of them
     looks at the image, so their envs render no frame: the outcomes are the same, in a fraction of
     the time. `on_result(name, result)` hears of each rollout as it ends."""
     return {name: run_rollouts(driver, plan, envs=envs, env_id=env_id,
