@@ -6,7 +6,8 @@ a bright horizontal band whose height encodes the key — top: forward, second: 
 back, bottom: stop. The strafe band is the same for left and right (a horizontal band also
 looks the same mirrored), so the side must come from the instruction: "left" episodes strafe
 left, "right" episodes strafe right. The CPU preset, trained through the real `train()` with
-its defaults (only fewer epochs), must then score through the real `evaluate()` on held-out cue
+its defaults (its 20 epochs: after 6 or 10, one training seed in three had not yet learned "back",
+15% of the frames, and scored 0.844), must then score through the real `evaluate()` on held-out cue
 episodes: first-step direction accuracy ≥ 0.95 and instruction flip ≥ 0.90.
 
 Shifting the targets by a frame, breaking mirror augmentation (image, action and text must
@@ -60,7 +61,6 @@ def cue_store(folder: Path, count: int, first_seed: int, rules: ValidationRules)
     return store, sorted(p.stem for p in paths)
 
 
-LEARNABILITY_EPOCHS = 6  # of the preset's 20: the cues are plain
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def learned(tmp_path_factory):
     rules = ValidationRules(window=policy_config.window, chunk=policy_config.chunk)
     train_store, train_ids = cue_store(root / "train", TRAIN_EPISODES, 0, rules)
     held_store, held_ids = cue_store(root / "held", HELD_OUT_EPISODES, 1000, rules)
-    train_config = TrainConfig.cpu(epochs=LEARNABILITY_EPOCHS)
+    train_config = TrainConfig.cpu()
     result = train(policy_config, train_config, train_store, train_ids, [], root / "run", log=lambda line: None)
     policy = load_policy_dir(result.output_dir / "policy")
     mean = json.loads((result.output_dir / "policy" / ACTION_STATS_FILE).read_text())["mean"]

@@ -71,7 +71,7 @@ def test_training_reads_a_url_store(copied_store, tmp_path):
     ids = WindowStore(url).episode_ids()
     result = train(PolicyConfig.tiny(), TrainConfig(epochs=1, batch_size=2, grad_accum=1, log_every=100),
                    url, ids[:3], ids[3:], tmp_path / "run", log=lambda line: None)
-    assert result.steps == 3 * 16 // 2
+    assert result.steps == 3 * 18 // 2  # 3 episodes × (20 - 3 + 1) tiny training windows, batch 2
     assert json.loads((tmp_path / "run" / "policy" / "action_stats.json").read_text())["count"] == 3 * 20
     load_policy_dir(tmp_path / "run" / "policy")
 

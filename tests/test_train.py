@@ -106,7 +106,7 @@ def test_resumes_after_kill(small_store, tmp_path, processes):
     assert second.returncode == 0, output
     lines = [line.removeprefix("[rank0] ") for line in output.splitlines()]
     record = json.loads((out / "training.json").read_text())
-    total = 2 * 3 * 16 // processes  # 2 epochs × 3 episodes × (20 - 3 - 2 + 1) tiny windows, batch 1, sharded
+    total = 2 * 3 * 18 // processes  # 2 epochs × 3 episodes × (20 - 3 + 1) tiny training windows, batch 1, sharded
     assert 0 < killed_at < total
     resumed = next(int(line.split()[3]) for line in lines if line.startswith("resumed from step "))
     assert resumed >= killed_at and record["steps"] == total and record["processes"] == processes

@@ -10,7 +10,7 @@ import torch
 from conftest import GOOD_NAME, write_episode_file
 
 from vla_pipeline.data.ingest import ingest_episode
-from vla_pipeline.data.schema import window_starts
+from vla_pipeline.data.schema import training_starts, window_starts
 from vla_pipeline.data.store import WindowStore
 from vla_pipeline.data.schema import commanded, mirror_instruction
 from vla_pipeline.training.windows import (
@@ -53,7 +53,7 @@ def dataset(store, **kwargs) -> WindowDataset:
 
 def test_length_and_item_format(store):
     data = dataset(store)
-    assert len(data) == sum(len(window_starts(t, W, C)) for t in FRAMES.values()) == 3 + 6
+    assert len(data) == sum(len(training_starts(t, W, C)) for t in FRAMES.values()) == 13 + 16
     item = data[0]
     assert item["images"].shape == (W, 224, 224, 3) and item["images"].dtype == torch.uint8
     assert item["actions"].shape == (W, C, 2) and item["actions"].dtype == torch.float32
@@ -82,11 +82,25 @@ def test_actions_are_normalised_chunks_at_the_right_offsets(store):
 
 def test_window_and_chunk_other_than_the_store_attrs(store):
     data = dataset(store, window=4, chunk=1)
-    assert len(data) == (20 - 4) + (23 - 4)
+    assert len(data) == (20 - 4 + 1) + (23 - 4 + 1)
     item = data[data.index.index((GOOD_NAME, 15))]
     stored = store.open_episode(GOOD_NAME)["actions"][:]
     assert item["images"].shape == (4, 224, 224, 3) and item["actions"].shape == (4, 1, 2)
     np.testing.assert_array_equal(item["actions"][:, 0].numpy(), stored[15:19] / np.float32(1.15))
+
+
+def test_tail_windows_train_the_last_frame_on_the_last_action(store):
+    """An episode's last frame is an input and its last action (a recorded stop, say) a target:
+    the windows past the last complete one are kept, their missing steps masked."""
+    assert training_starts(20, W, C) == list(range(13)) and window_starts(20, W, C) == [0, 1, 2]
+    assert training_starts(17, W, C) == [] == window_starts(17, W, C)  # too short for any window
+    data = dataset(store)
+    item = data[data.index.index((GOOD_NAME, 20 - W))]
+    stored = store.open_episode(GOOD_NAME)["actions"][:]
+    np.testing.assert_array_equal(item["images"].numpy(), store.open_episode(GOOD_NAME)["images"][20 - W :])
+    assert item["action_mask"][-1].tolist() == [True] + [False] * (C - 1)
+    np.testing.assert_array_equal(item["actions"][-1, 0].numpy(), stored[-1] / np.float32(1.15))
+    assert item["action_mask"].sum() == sum(min(C, W - t) for t in range(W))
 
 
 def test_mask_marks_missing_steps_at_an_episode_end():
@@ -168,7 +182,7 @@ def test_dataset_pickles_without_open_arrays(store):
 def test_two_workers_give_the_same_batches_as_none(store):
     plain = list(make_loader(dataset(store), batch_size=4, shuffle=False, workers=0))
     workers = list(make_loader(dataset(store), batch_size=4, shuffle=False, workers=2))
-    assert [len(b["start"]) for b in plain] == [4, 4, 1]
+    assert [len(b["start"]) for b in plain] == [4] * 7 + [1]
     assert len(plain) == len(workers)
     for a, b in zip(plain, workers):
         assert a.keys() == b.keys()
@@ -222,7 +236,7 @@ for _ in range(3):  # OpenCV's thread pool has run here (a forked worker would i
     cv2.resize(frames[0], (96, 96), interpolation=cv2.INTER_AREA)
 for round_ in range(rounds):
     loader = make_loader(WindowDataset(store, ids, 8, 10), batch_size=4, workers=2)
-    assert sum(len(batch["start"]) for batch in loader) == 9
+    assert sum(len(batch["start"]) for batch in loader) == 29
     del loader
     print(round_, flush=True)
 """

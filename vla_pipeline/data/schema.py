@@ -9,6 +9,9 @@ import numpy as np
 
 # Teleop keys publish only 0 or ±ACTION_SCALE per axis (raw command units).
 ACTION_SCALE = 1.15
+# The fraction of ACTION_SCALE below which an action component counts as 0: evaluation's direction
+# classes, and the stop press of the simulated world where stopping ends an episode.
+DEAD_BAND = 0.3
 KEY_ACTIONS: dict[str, tuple[float, float, float]] = {
     "w": (+ACTION_SCALE, 0.0, 0.0),
     "s": (-ACTION_SCALE, 0.0, 0.0),
@@ -123,3 +126,14 @@ def window_starts(num_frames: int, window: int, chunk: int) -> list[int]:
     keeps the minimum episode length at window + chunk, the rule validation enforces.
     """
     return list(range(max(0, num_frames - window - chunk + 1)))
+
+
+def training_starts(num_frames: int, window: int, chunk: int) -> list[int]:
+    """First frames of every window the trainer uses: the complete windows of `window_starts`,
+    then the tail windows whose frames are all recorded but whose chunks run past the last action
+    (those steps are masked). Without the tail, an episode's last frame would never be an input
+    and its last action never a target: a recorded stop would never be learned.
+    """
+    if not window_starts(num_frames, window, chunk):
+        return []
+    return list(range(num_frames - window + 1))

@@ -27,7 +27,7 @@ from torch import nn
 from .backbone import load_backbone
 from .policy_config import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE, PolicyConfig, read_policy_config
 from .preprocess import PROMPT_TEMPLATE, encode_prompts, normalise_images
-from ..data.schema import IMAGE_SIZE
+from ..data.schema import DEAD_BAND, IMAGE_SIZE
 
 
 def lora_target_modules(kosmos: nn.Module, targets: str) -> list[str]:
@@ -241,7 +241,11 @@ class MobileVLAPolicy(nn.Module):
             raise ValueError(f"actions must be {tuple(pred.shape)} (B, W, chunk, dims), got {tuple(target.shape)}")
         mask = batch.get("action_mask")
         mask = torch.ones(pred.shape[:-1], dtype=torch.bool, device=pred.device) if mask is None else mask
-        weight = torch.as_tensor(mask, device=pred.device).to(pred.dtype).unsqueeze(-1).expand_as(pred)
+        weight = torch.as_tensor(mask, device=pred.device).to(pred.dtype)
+        if self.config.stop_loss_weight != 1.0:  # a recorded stop: both components (near) zero
+            stop = (target.abs() <= DEAD_BAND).all(dim=-1)  # targets are in units of action_scale
+            weight = weight * torch.where(stop, self.config.stop_loss_weight, 1.0).to(pred.dtype)
+        weight = weight.unsqueeze(-1).expand_as(pred)
         denom = weight.sum().clamp_min(1.0)
         if self.head.kind == "classification":
             classes = (target.round().clamp(-1, 1) + 1).long()  # -1, 0, +1 -> 0, 1, 2

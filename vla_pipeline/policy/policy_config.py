@@ -75,6 +75,10 @@ class PolicyConfig(BaseModel):
     side_loss_weight: float = Field(0.0, ge=0, description=(
         "> 0: a linear probe must read the instruction's side from every frame's feature; its BCE "
         "loss, times this weight, joins the action loss"))
+    stop_loss_weight: float = Field(1.0, ge=0, description=(
+        "the loss weight of a chunk step whose recorded action is a stop (zero on both axes) against "
+        "1 for a move: an episode ends with one stop among ~18 moves, so a policy can score a low loss "
+        "and never stop"))
     action_decode: Literal["expected", "argmax"] = Field("expected", description=(
         "classification head: the softmax's expected value, or the most likely class (0 or ±scale)"))
     # training setup (RoboVLMs names)
@@ -112,11 +116,13 @@ class PolicyConfig(BaseModel):
     def cpu(cls, **overrides: Any) -> PolicyConfig:
         """The CPU preset (`VLA_MODEL=cpu`): a small random Kosmos-2 trained in full — LoRA on
         random weights learns nothing — with a classification head, the side probe and the most
-        likely class as the action; learns the task in a few minutes on 2 cores with
+        likely class as the action, and the episode's closing stop weighted ×6 (one step among ~20:
+        unweighted, the policy never stops); learns the v0 task in a few minutes on 2 cores with
         `TrainConfig.cpu()` (benchmarks/learning.py measures it)."""
         values: dict[str, Any] = dict(
             preset="small", backbone="small", window=8, chunk=1, lstm_hidden=64, lstm_layers=1,
             action_head="classification", side_loss_weight=0.5, action_decode="argmax", lora_enable=False,
+            stop_loss_weight=6.0,
             train_vision=True, train_text_embedding=True, gradient_checkpointing=False,
         )
         return cls(**{**values, **overrides})

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.episodes import ValidationRules, inspect_episode
 from ..data.frames import model_frame
 from ..policy.preprocess import normalise_actions
-from ..data.schema import ACTION_SCALE, IMAGE_SIZE, OTHER_SIDE, commanded, mirror_instruction, window_starts
+from ..data.schema import ACTION_SCALE, IMAGE_SIZE, OTHER_SIDE, commanded, mirror_instruction, training_starts
 from ..data.store import WindowStore, is_url
 
 _GREY = np.array([0.299, 0.587, 0.114], np.float32)
@@ -78,7 +78,7 @@ def _item(images, raw_actions, is_command, window, chunk, scale, instruction, ep
 
 
 class WindowDataset(Dataset):
-    """Every complete (episode, start) window of the given stored episodes.
+    """Every (episode, start) window of the given stored episodes (`training_starts`: tail windows too).
 
     Zarr arrays are opened lazily, once per process, and never pickled, so the dataset can
     be sent to DataLoader workers. Augmentation (train=True only) depends on seed, index
@@ -97,7 +97,7 @@ class WindowDataset(Dataset):
         for episode_id in episode_ids:
             attrs = store.open_episode(episode_id).attrs
             self.meta[episode_id] = (attrs["instruction"], attrs.get("side"), int(attrs["num_frames"]))
-            self.index += [(episode_id, s) for s in window_starts(int(attrs["num_frames"]), window, chunk)]
+            self.index += [(episode_id, s) for s in training_starts(int(attrs["num_frames"]), window, chunk)]
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._arrays: dict = {}
         self._pid = os.getpid()
@@ -202,7 +202,7 @@ class HDF5WindowDataset(Dataset):
             header = inspect_episode(path, ValidationRules(window, chunk), digest="-")
             self.episodes[header.episode_id] = (path, header.image_dataset, header.colour_order,
                                                 header.instruction, header.side, commanded(header.event_types))
-            self.index += [(header.episode_id, s) for s in window_starts(header.num_frames, window, chunk)]
+            self.index += [(header.episode_id, s) for s in training_starts(header.num_frames, window, chunk)]
 
     def __len__(self) -> int:
         return len(self.index)
