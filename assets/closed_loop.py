@@ -14,14 +14,15 @@ from vla_pipeline.evaluation.report import Table
 from vla_pipeline.training.split import Split
 from vla_pipeline.tracking import experiment_id, run_link, training_run_id
 
-RATE_COLUMNS = ("success_rate", "spl", "collision_rate", "wrong_side_rate", "lost_rate", "timeout_rate",
-                "invalid_action_rate", "controller_error_rate")
+RATE_COLUMNS = ("success_rate", "spl", "collision_rate", "wrong_side_rate", "lost_rate", "stopped_away_rate",
+                "timeout_rate", "invalid_action_rate", "controller_error_rate")
 
 
 class ClosedLoopConfig(dg.Config):
     env: str = Field(default="auto", description=(
         '"auto": the simulated world the stored episodes were rendered in (the sample episodes name it); '
-        'skipped for robot episodes. "vla_pipeline/BoxNav-v0" drives there whatever the data; "none" skips'))
+        'skipped for robot episodes. "vla_pipeline/BoxNav-v1" (the sample episodes\' world, where only the camera '
+        'tells the geometry) or "vla_pipeline/BoxNav-v0" drives there whatever the data; "none" skips'))
     episodes: int = Field(default=48, ge=1, le=2000, description="rollouts, spread evenly over side × distance × boxes")
     seed: int = Field(default=0, description="the plan's seed: the same seed gives the same scenes")
     envs: int = Field(default=2, ge=1, le=32, description="environments stepped at once (worker processes)")
@@ -30,7 +31,8 @@ class ClosedLoopConfig(dg.Config):
 
 
 def _rates_table(summary: dict) -> Table:
-    rows = [("policy", summary["policy"])] + list(summary["baselines"].items())
+    rows = ([("policy", summary["policy"])] + list(summary["baselines"].items())
+            + [(f"policy, {name} camera", rates) for name, rates in summary.get("ablations", {}).items()])
     return Table(["driver", *RATE_COLUMNS], [[name, *(f"{rates[key]:.3f}" for key in RATE_COLUMNS)]
                                            for name, rates in rows])
 
@@ -66,10 +68,12 @@ def closed_loop_metrics(
     window_store: WindowStoreResource,
     compute: ComputeResource,
 ) -> dg.Output:
-    """The policy driven in the simulated world the data comes from: success rate, SPL,
-    collision, wrong-side and timeout rates, overall and per scenario cell, beside the scripted
-    guide (the ceiling), a side-aware script blind to the image and always-forward (the floor).
-    Skipped, with the reason, where the episodes come from no simulated world (the robot's)."""
+    """The policy driven in the simulated world the data comes from: success rate, SPL and the
+    rate of every other outcome, overall and per scenario cell, beside the scripted guide (the
+    ceiling), the best blind driver found by search (the ceiling of every driver that ignores the
+    camera), a naive side-aware script and always-forward (the floor); then the policy again with
+    its camera frozen on the first frame and blanked (the sight ablations). Skipped, with the
+    reason, where the episodes come from no simulated world (the robot's)."""
     split = Split.from_dict(train_val_split)
     world, why = _world(config, split, window_store)
     if world is None:
@@ -115,6 +119,9 @@ def closed_loop_metrics(
             "success_rate": numbers["closed_loop_success_rate"],
             "spl": numbers["closed_loop_spl"],
             **{key: numbers[f"closed_loop_{key}"] for key in RATE_COLUMNS if key not in ("success_rate", "spl")},
+            **{f"{name}_camera_success": numbers[f"closed_loop_{name}_success"] for name in report.ablations},
+            **({"best_blind_success": numbers["closed_loop_best_blind_success_rate"]}
+               if "closed_loop_best_blind_success_rate" in numbers else {}),
             "camera": report.conditions()["camera"]["name"],
             "records": dg.MetadataValue.path(str(out_dir)),
             "policy_vs_baselines": metadata_table(_rates_table(summary)),

@@ -14,7 +14,7 @@ from vla_pipeline.evaluation import gate
 from vla_pipeline.evaluation.metrics import DEFAULT_DEAD_BAND
 from vla_pipeline.evaluation.report import (
     CONFUSION_PLOT, PREDICTIONS_PLOT, confusion_table, group_table, markdown, per_class_table, per_dimension_table,
-    sensitivity_table, summary_table, write_report,
+    sensitivity_table, sight_table, summary_table, write_report,
 )
 from vla_pipeline.policy.policy_config import ACTION_STATS_FILE
 from vla_pipeline.training.split import Split
@@ -38,7 +38,8 @@ def _train_mean(policy_dir) -> list[float]:
     return stats["mean"]
 
 
-def _evaluate(policy_dir, split: Split, window_store: WindowStoreResource, compute, dead_band, log):
+def _evaluate(policy_dir, split: Split, window_store: WindowStoreResource, compute, dead_band, log,
+              sight_ablations: bool = True):
     if not split.val:
         raise dg.Failure("the split has no validation episodes: ingest more episodes or raise val_fraction")
     from vla_pipeline.evaluation.evaluate import evaluate
@@ -47,7 +48,7 @@ def _evaluate(policy_dir, split: Split, window_store: WindowStoreResource, compu
     policy = _load(policy_dir, compute)
     store = window_store.open()
     return evaluate(policy, store.path, split.val, _train_mean(policy_dir), dead_band, progress=log,
-                    replay=ScriptedReplay.from_store(store, split.train))
+                    replay=ScriptedReplay.from_store(store, split.train), sight_ablations=sight_ablations)
 
 
 @dg.asset(group_name="evaluation", kinds={"mlflow"})
@@ -60,8 +61,10 @@ def evaluation_metrics(
     compute: ComputeResource,
 ) -> dg.Output:
     """Direction accuracy (9 classes with a dead band), MSE/MAE/RMSE per dimension, constant
-    baselines on the same frames, left↔right instruction sensitivity, and per-side and
-    per-scenario breakdowns on the validation episodes. Logged to the training's MLflow run."""
+    baselines on the same frames, left↔right instruction sensitivity, sight ablations (the
+    accuracy from the episode's first frame alone and from another validation episode's frames:
+    `sight_reliance` is the smaller drop), and per-side and per-scenario breakdowns on the
+    validation episodes. Logged to the training's MLflow run."""
     import mlflow
 
     from vla_pipeline.evaluation.evaluate import headline
@@ -79,13 +82,16 @@ def evaluation_metrics(
             mlflow.log_artifacts(str(report_dir), "evaluation")
     else:
         context.log.warning(f"{lora_adapter}: no MLflow training run recorded beside it; metrics not logged")
-    margin = result["margin"]["first"]
+    margin, sight = result["margin"]["first"], result["sight_reliance"]
+    other = sight["other_episodes"]
     context.log.info(
         f"direction accuracy {numbers['direction_accuracy_first']:.3f} (first step, "
         f"{numbers['predictions']:.0f} validation predictions), "
         f"{margin['direction_accuracy_margin']:+.3f} over the best constant baseline ({margin['best_accuracy_baseline']}), "
         f"scripted replay {numbers.get('baseline_scripted_replay_direction_accuracy_first', float('nan')):.3f}, "
-        f"instruction flip {numbers.get('instruction_flip_fraction_first', float('nan')):.2f}"
+        f"instruction flip {numbers.get('instruction_flip_fraction_first', float('nan')):.2f}, "
+        f"sight reliance {sight['drop']:+.3f} (first frame only {sight['first_frame']:.3f}, another episode's frames "
+        + (f"{other:.3f})" if other is not None else f"not run: {sight['other_episodes_skipped']})")
     )
     return dg.Output(
         {"policy_dir": lora_adapter, "val_episodes": split.val, "headline": numbers, "metrics": result},
@@ -97,6 +103,11 @@ def evaluation_metrics(
             "scripted_replay_accuracy_first": numbers.get("baseline_scripted_replay_direction_accuracy_first", float("nan")),
             "mse_first": numbers["mse_first"],
             "instruction_flip_fraction": numbers.get("instruction_flip_fraction_first", float("nan")),
+            "sight_reliance": numbers["sight_reliance"],
+            "direction_accuracy_first_frame": numbers["direction_accuracy_first_frame"],
+            "direction_accuracy_other_episode": numbers["direction_accuracy_other_episode"] if other is not None
+            else dg.MetadataValue.text(f"not run: {sight['other_episodes_skipped']}"),
+            "sight_ablations": metadata_table(sight_table(sight)),
             "val_episodes": result["episodes"],
             "predictions": result["predictions"],
             "predictions_plot": metadata_plot(context, report_dir / PREDICTIONS_PLOT, "predicted vs recorded"),
@@ -128,6 +139,11 @@ class RegistryConfig(dg.Config):
         default=gate.DEFAULT_MIN_CLOSED_LOOP_ROLLOUTS, ge=1, description=(
             "where the data comes from a simulated world: the fewest closed-loop rollouts (closed_loop_metrics' "
             "episodes) whose success rate counts; from fewer, the version stays challenger"))
+    min_margin_over_blind: float = Field(
+        default=gate.DEFAULT_MIN_MARGIN_OVER_BLIND, ge=0.0, le=1.0, description=(
+            "where the data comes from a simulated world: the closed-loop success rate the policy must gain over "
+            f"the best driver blind to the image ({gate.BEST_BLIND_SUCCESS}, same scenes); where that was not "
+            "recorded, the version stays challenger"))
 
 
 def _version_tags(numbers: dict, split: Split, lora_adapter: str, snapshot: dict) -> dict[str, str]:
@@ -141,6 +157,12 @@ def _version_tags(numbers: dict, split: Split, lora_adapter: str, snapshot: dict
         **{key: str(value) for key, value in snapshot.items()},
     })
     return tags
+
+
+def _sight_tags(result: dict) -> dict[str, str]:
+    # Always set, so that a re-gated version never keeps an earlier gating's word for it.
+    skipped = result["sight_reliance"]["other_episodes_skipped"]
+    return {"sight_other_episode": f"skipped: {skipped}" if skipped else "the next validation episode's frames"}
 
 
 def _closed_loop_tags(closed_loop_metrics: dict) -> dict[str, str]:
@@ -165,10 +187,11 @@ def registered_model(
     """A new version of the registered model (MLflow pyfunc whose artifact is the policy
     directory). It takes alias `champion` only if it beats the best constant baseline by
     `min_accuracy_margin`, reaches the goal in `min_closed_loop_success` of at least
-    `min_closed_loop_rollouts` closed-loop rollouts (where the data comes from a simulated world),
-    and matches the current champion re-evaluated on the same validation episodes; otherwise
-    alias `challenger`, with the reason. The same weights again re-gate their existing version,
-    which then holds only its new alias (a failing champion loses @champion)."""
+    `min_closed_loop_rollouts` closed-loop rollouts and in `min_margin_over_blind` more of them than
+    the best driver blind to the image (where the data comes from a simulated world), and matches
+    the current champion re-evaluated on the same validation episodes; otherwise alias
+    `challenger`, with the reason. The same weights again re-gate their existing version, which
+    then holds only its new alias (a failing champion loses @champion)."""
     from vla_pipeline.evaluation import registry
     from vla_pipeline.evaluation.evaluate import headline
 
@@ -178,7 +201,7 @@ def registered_model(
     best = margin["best_accuracy_baseline"]
     fingerprint = Path(lora_adapter).parent.name
 
-    in_world = bool(closed_loop_metrics.get("env"))
+    closed = closed_loop_metrics["headline"] if closed_loop_metrics.get("env") else {}  # {}: no world, no clause
     champion = registry.version_by_alias(config.model_name, gate.CHAMPION)
     champion_accuracy = None
     if champion is not None:
@@ -187,22 +210,25 @@ def registered_model(
         else:
             context.log.info(f"re-evaluating champion v{champion.version} on the current {len(split.val)} validation episodes")
             champion_dir = registry.policy_dir_of(champion)
-            again = _evaluate(champion_dir, split, window_store, compute, result["dead_band"], context.log.info)
+            again = _evaluate(champion_dir, split, window_store, compute, result["dead_band"], context.log.info,
+                              sight_ablations=False)  # only its accuracy is compared
             champion_accuracy = headline(again.metrics)[gate.GATE_METRIC]
     decision = gate.decide_promotion(
         numbers[gate.GATE_METRIC], best, result["baselines"][best]["first"]["direction_accuracy"],
         config.min_accuracy_margin, champion_accuracy, champion.version if champion else None,
         replay_accuracy=result["scripted_replay"]["first"]["direction_accuracy"]
         if config.require_beating_replay and result.get("scripted_replay") else None,
-        closed_loop_success=closed_loop_metrics["headline"]["closed_loop_success_rate"] if in_world else None,
+        closed_loop_success=closed[gate.CLOSED_LOOP_SUCCESS] if closed else None,
         min_closed_loop_success=config.min_closed_loop_success,
-        closed_loop_rollouts=closed_loop_metrics["headline"]["closed_loop_rollouts"] if in_world else None,
+        closed_loop_rollouts=closed[gate.CLOSED_LOOP_ROLLOUTS] if closed else None,
         min_closed_loop_rollouts=config.min_closed_loop_rollouts,
+        closed_loop_best_blind=closed.get(gate.BEST_BLIND_SUCCESS), min_margin_over_blind=config.min_margin_over_blind,
     )
 
     store = window_store.open()
     hashes = {i: store.episode_attrs(i)["content_hash"] for i in split.train + split.val}
     tags = _version_tags(numbers, split, lora_adapter, data_snapshot(split.train, split.val, hashes))
+    tags.update(_sight_tags(result))
     tags.update(_closed_loop_tags(closed_loop_metrics))
     run_id, experiment = training_run_id(lora_adapter), experiment_id()
     version = registry.register_gated_version(config.model_name, lora_adapter, tags, decision, run_id, experiment,
@@ -220,6 +246,8 @@ def registered_model(
             "best_baseline": f"{best} ({result['baselines'][best]['first']['direction_accuracy']:.3f})",
             "champion_before": f"v{champion.version}" if champion else "none",
             "champion_before_accuracy_on_current_val": champion_accuracy if champion_accuracy is not None else float("nan"),
+            **({"closed_loop_success": closed[gate.CLOSED_LOOP_SUCCESS],
+                "closed_loop_best_blind": closed.get(gate.BEST_BLIND_SUCCESS, float("nan"))} if closed else {}),
             "model_uri": f"models:/{config.model_name}@{decision.alias}",
             "git_commit": tags["git_commit"],
             "evaluation": dg.MetadataValue.md(markdown(result)),

@@ -20,8 +20,7 @@ import os
 import sys
 import time
 
-from vla_pipeline.sim.controllers import BASELINES
-from vla_pipeline.sim.rollout import ROLLOUT_OUTCOMES, open_envs, plan, run_rollouts, summarise
+from vla_pipeline.sim.rollout import BASELINES, ROLLOUT_OUTCOMES, open_envs, plan, run_rollouts, summarise
 
 
 def main() -> int:

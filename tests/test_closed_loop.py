@@ -23,7 +23,7 @@ from vla_pipeline.evaluation.closed_loop import PolicyDriver, world_of_episodes
 from vla_pipeline.policy.model import build_policy, save_policy
 from vla_pipeline.policy.policy_config import ACTION_STATS_FILE, PolicyConfig
 from vla_pipeline.policy.serving import StreamingPolicy
-from vla_pipeline.sim.env import ENV_ID
+from vla_pipeline.sim.env import ENV_ID, SIGHT_ENV_ID
 from vla_pipeline.sim.operator import write_sample_episodes
 from vla_pipeline.tracking import RUN_ID_FILE, experiment_id
 
@@ -52,10 +52,13 @@ def world(tmp_path_factory, tiny_backbone_path):
 
 def test_sample_episodes_name_their_world_and_robot_episodes_none():
     assert world_of_episodes([{"simulator": ENV_ID}] * 3)[0] == ENV_ID
+    assert world_of_episodes([{"simulator": SIGHT_ENV_ID}] * 3)[0] == SIGHT_ENV_ID
     world, why = world_of_episodes([{"simulator": None}] * 3)
     assert world is None and "robot episodes" in why
     world, why = world_of_episodes([{"simulator": ENV_ID}, {}])
     assert world is None and "1 of 2 episodes" in why
+    world, why = world_of_episodes([{"simulator": ENV_ID}, {"simulator": SIGHT_ENV_ID}])
+    assert world is None and "2 simulated worlds" in why and "name one in the config" in why
 
 
 def test_driver_feeds_the_start_frame_twice_like_the_recordings(tiny_backbone_path):
@@ -67,6 +70,25 @@ def test_driver_feeds_the_start_frame_twice_like_the_recordings(tiny_backbone_pa
     assert action.shape == (2,) and driver.stream.frames_in_window == 2
     driver.act(frame, "Navigate around the obstacle on the left side and reach the cup")
     assert driver.stream.frames_in_window == 3
+
+
+def test_the_sight_ablations_show_the_policy_the_first_frame_or_grey(tiny_backbone_path, monkeypatch):
+    from vla_pipeline.evaluation.closed_loop import BLANK_GREY, BlankCameraDriver, FrozenCameraDriver
+
+    shown = []
+    monkeypatch.setattr(StreamingPolicy, "step", lambda self, image, instruction: shown.append(image.copy())
+                        or np.zeros((1, 2), np.float32))
+    policy = StreamingPolicy(build_policy(PolicyConfig.tiny(backbone=str(tiny_backbone_path))))
+    frames = [np.full((9, 16, 3), value, np.uint8) for value in (10, 20, 30)]
+    for driver_class, expected in ((FrozenCameraDriver, [10] * 4 + [20] * 3), (BlankCameraDriver, [BLANK_GREY] * 7)):
+        shown.clear()
+        driver = driver_class(policy)
+        for rollout in range(2):  # a new rollout freezes on its own first frame
+            driver.reset("Navigate around the obstacle on the left side and reach the cup", {})
+            for frame in (frames if rollout == 0 else frames[1:]):
+                driver.act(frame, "Navigate around the obstacle on the left side and reach the cup")
+        assert [int(image.mean()) for image in shown] == expected, driver_class.__name__
+        assert all(image.shape == (9, 16, 3) for image in shown)
 
 
 def test_the_drivers_of_every_rollout_share_one_compiled_backbone(tiny_backbone_path, monkeypatch):
@@ -110,13 +132,22 @@ def test_a_policy_that_drives_into_the_box_stays_challenger(world, capsys):
     result = _materialize(world, SMALL_CAMERA)
     assert result.success
     closed = result.output_for_node("closed_loop_metrics")
-    assert closed["env"] == ENV_ID and closed["episodes"] == 12
+    assert closed["env"] == SIGHT_ENV_ID and closed["episodes"] == 12  # the sample episodes' world
     policy, baselines = closed["summary"]["policy"], closed["summary"]["baselines"]
     assert policy["success_rate"] == 0.0 and policy["collision_rate"] == 1.0
     assert baselines["scripted_guide"]["success_rate"] == 1.0 and baselines["always_forward"]["success_rate"] == 0.0
+    assert list(baselines) == ["scripted_guide", "best_blind", "blind_side_script", "always_forward"]
+    ablations = closed["summary"]["ablations"]  # W whatever it sees: blinding changes nothing
+    assert {name: rates["collision_rate"] for name, rates in ablations.items()} == {"frozen": 1.0, "blank": 1.0}
+    assert closed["headline"]["closed_loop_frozen_success"] == closed["headline"]["closed_loop_blank_success"] == 0.0
     assert len(policy["per_cell"]) == 12
     metadata = result.asset_materializations_for_node("closed_loop_metrics")[0].metadata
     assert metadata["success_rate"].value == 0.0 and "![" in metadata["paths"].value
+    assert metadata["frozen_camera_success"].value == 0.0 and metadata["best_blind_success"].value == 0.0
+    assert "best_blind success" in [column.name for column in metadata["per_cell"].value.schema.columns]
+    drivers = [record.data["driver"] for record in metadata["policy_vs_baselines"].value.records]
+    assert drivers == ["policy", "scripted_guide", "best_blind", "blind_side_script", "always_forward",
+                       "policy, frozen camera", "policy, blank camera"]
     assert "video_failure" in metadata and "video_success" not in metadata
 
     registered = result.output_for_node("registered_model")
@@ -124,11 +155,15 @@ def test_a_policy_that_drives_into_the_box_stays_challenger(world, capsys):
     reason = result.asset_materializations_for_node("registered_model")[0].metadata["reason"].value
     assert "closed-loop success 0.00 in 12 rollouts, required at least 0.50 in at least 12: not met" in reason
     version = registry.client().get_model_version(NAME, registered["version"])
-    assert version.tags["closed_loop"] == ENV_ID and version.tags["metric.closed_loop_success_rate"] == "0.0000"
+    assert version.tags["closed_loop"] == SIGHT_ENV_ID and version.tags["metric.closed_loop_success_rate"] == "0.0000"
     assert version.tags["metric.closed_loop_scripted_guide_success_rate"] == "1.0000"
+    assert version.tags["metric.closed_loop_best_blind_success_rate"] == "0.0000"
     assert cli.main(["model", "--model-uri", f"models:/{NAME}/{registered['version']}"]) == 0
-    assert (f"closed loop in {ENV_ID} (12 rollouts): success 0.00, SPL 0.00, collisions 1.00 | same scenes: "
-            "scripted_guide 1.00 | blind_side_script 0.33 | always_forward 0.00") in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert (f"closed loop in {SIGHT_ENV_ID} (12 rollouts): success 0.00, SPL 0.00, collisions 1.00 | same scenes: "
+            "scripted_guide 1.00 | best_blind 0.00 | blind_side_script 0.08 | always_forward 0.00") in shown
+    assert "closed loop, sight ablations: frozen camera 0.00, blank camera 0.00; the best blind driver 0.00" in shown
+    assert "sight reliance (first step, validation): real frames" in shown
 
     run = mlflow.get_run(world["run_id"])
     assert run.data.metrics["closed_loop_success_rate"] == 0.0
@@ -137,9 +172,10 @@ def test_a_policy_that_drives_into_the_box_stays_challenger(world, capsys):
     assert artifacts == {f"{folder}/paths.png", f"{folder}/failure.mp4", f"{folder}/closed_loop.json"}
     record = json.loads((training_dir / folder / "closed_loop.json").read_text())
     assert {key: record[key] for key in ("env", "env_version", "camera", "envs", "seed", "episodes")} == {
-        "env": ENV_ID, "env_version": 0, "camera": {"name": "small", "height": 180, "width": 320}, "envs": 2,
+        "env": SIGHT_ENV_ID, "env_version": 1, "camera": {"name": "small", "height": 180, "width": 320}, "envs": 2,
         "seed": 0, "episodes": 12}
     assert len(record["rollouts"]) == 12 and set(record["baseline_rollouts"]) == set(closed["summary"]["baselines"])
+    assert {name: len(found) for name, found in record["ablation_rollouts"].items()} == {"frozen": 12, "blank": 12}
 
 
 def test_the_closed_loop_can_be_turned_off_and_never_blocks_robot_data(world):
@@ -175,16 +211,17 @@ def test_rollout_command(world, capsys, tiny_backbone_path, tmp_path):
                      "--video", str(tmp_path / "videos")]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["driver"] for line in lines[:2]] == ["policy", "policy"] and lines[0]["outcome"] == "collision"
-    assert [line["driver"] for line in lines[2:-1]] == [name for name in ("scripted_guide", "blind_side_script",
-                                                                          "always_forward") for _ in range(2)]
+    assert [line["driver"] for line in lines[2:-1]] == [name for name in (
+        "scripted_guide", "best_blind", "blind_side_script", "always_forward", "frozen", "blank") for _ in range(2)]
     assert [line["outcome"] for line in lines[2:4]] == ["success"] * 2
-    assert lines[-1]["conditions"] == {"env": ENV_ID, "env_version": 0, "camera": {"name": "small", "height": 180,
-                                                                                   "width": 320},
+    assert lines[-1]["conditions"] == {"env": SIGHT_ENV_ID, "env_version": 1,
+                                       "camera": {"name": "small", "height": 180, "width": 320},
                                        "envs": 1, "seed": 0, "episodes": 2}
     summary = lines[-1]["summary"]
-    assert set(summary["policy"]) >= {"success_rate", "spl", "collision_rate", "wrong_side_rate"}
-    assert set(summary["baselines"]) == {"scripted_guide", "blind_side_script", "always_forward"}
+    assert set(summary["policy"]) >= {"success_rate", "spl", "collision_rate", "wrong_side_rate", "stopped_away_rate"}
+    assert list(summary["baselines"]) == ["scripted_guide", "best_blind", "blind_side_script", "always_forward"]
     assert summary["baselines"]["scripted_guide"]["success_rate"] == 1.0
+    assert set(summary["ablations"]) == {"frozen", "blank"}
     assert len(list((tmp_path / "videos").glob("rollout_*_collision.mp4"))) == 2
 
     # A policy whose actions are NaN fails each rollout with the reason; the run goes on.
@@ -213,7 +250,7 @@ def test_rollout_drives_in_the_env_it_is_given(world, capsys, monkeypatch):
     other = "vla_pipeline/BoxNavTest-v3"
     if other not in gymnasium.registry:
         gymnasium.register(id=other, entry_point="vla_pipeline.sim.env:BoxNavEnv", max_episode_steps=30)
-    monkeypatch.setattr(closed_loop_module, "WORLDS", (ENV_ID, other))
+    monkeypatch.setattr(closed_loop_module, "WORLDS", (ENV_ID, SIGHT_ENV_ID, other))
     assert cli.main(["rollout", world["policy_dir"], "--env", other, "--episodes", "1", "--camera", "small",
                      "--json", "--no-baselines"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["conditions"]["env"] == other

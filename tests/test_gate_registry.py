@@ -123,3 +123,23 @@ def test_cli_model_shows_a_missing_metric_as_not_recorded(monkeypatch, capsys):
     assert cli.main(["model", "--model-uri", f"models:/{NAME}/2"]) == 0
     shown = capsys.readouterr().out
     assert "(48 rollouts): success 0.50, SPL not recorded, collisions 0.00" in shown, shown
+
+
+def test_sight_and_blind_drivers_the_tags_lack_read_as_missing_not_zero():
+    older = registry.version_summary(_version_without_spl())  # registered before either was measured
+    assert older["sight_reliance"] == {"real": None, "first_frame": None, "other_episodes": None, "drop": None,
+                                       "other_episodes_skipped": None}
+    closed = older["closed_loop"]
+    assert closed["best_blind"] is None and closed["frozen_success"] is None and closed["blank_success"] is None
+    assert closed["baselines"] == {}
+    tags = {**_version_without_spl().tags, "metric.direction_accuracy_first": "0.8000",
+            "metric.direction_accuracy_first_frame": "0.0000", "metric.sight_reliance": "0.8000",
+            "metric.direction_accuracy_other_episode": "0.5000",  # an earlier gating's, say
+            "sight_other_episode": "skipped: one validation episode: there is no other episode",
+            "metric.closed_loop_best_blind_success_rate": "0.0000", "metric.closed_loop_blank_success": "0.0000"}
+    summary = registry.version_summary(SimpleNamespace(name=NAME, version="3", run_id="r", tags=tags))
+    assert summary["sight_reliance"] == {"real": 0.8, "first_frame": 0.0, "other_episodes": None, "drop": 0.8,
+                                         "other_episodes_skipped": "one validation episode: there is no other episode"}
+    closed = summary["closed_loop"]
+    assert closed["best_blind"] == 0.0 and closed["blank_success"] == 0.0  # measured zeros stay zeros
+    assert closed["frozen_success"] is None and closed["baselines"] == {"best_blind": 0.0}

@@ -52,21 +52,54 @@ def test_gate_needs_the_closed_loop_floor_when_there_is_a_world():
     assert below.alias == "challenger"
     assert "closed-loop success 0.40 in 48 rollouts, required at least 0.50 in at least 24: not met" in below.reason
     assert decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=0.5, min_closed_loop_success=0.5,
-                            closed_loop_rollouts=48.0).promoted
+                            closed_loop_rollouts=48.0, closed_loop_best_blind=0.25).promoted
     assert decide_promotion(0.9, "zero", 0.2, 0.05).promoted  # no world (robot data): no closed-loop clause
     assert "closed-loop" not in decide_promotion(0.9, "zero", 0.2, 0.05).reason
 
 
 def test_gate_counts_no_closed_loop_success_from_too_few_rollouts():
-    lucky = decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=1.0, closed_loop_rollouts=1.0)
+    lucky = decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=1.0, closed_loop_rollouts=1.0,
+                             closed_loop_best_blind=0.5)
     assert lucky.alias == "challenger"
     assert lucky.reason.endswith("1 rollouts are fewer than the minimum 24, not counted as passed")
-    assert not decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=1.0, closed_loop_rollouts=23.0).promoted
-    assert decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=1.0, closed_loop_rollouts=24.0).promoted
-    assert decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=1.0, closed_loop_rollouts=4.0,
-                            min_closed_loop_rollouts=4).promoted
+    assert not _closed_loop_gate(0.80, 0.50, rollouts=23.0).promoted
+    assert _closed_loop_gate(0.80, 0.50, rollouts=24.0).promoted
+    assert _closed_loop_gate(1.0, 0.5, rollouts=4.0, min_closed_loop_rollouts=4).promoted
     with pytest.raises(ValueError, match="without closed_loop_rollouts"):  # a rate alone cannot be weighed
         decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=1.0)
+
+
+def _closed_loop_gate(success, best_blind, rollouts=48.0, **options):
+    """A model that passes offline, gated on its closed-loop success against the best blind driver."""
+    return decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_success=success, closed_loop_rollouts=rollouts,
+                            closed_loop_best_blind=best_blind, **options)
+
+
+def test_gate_needs_a_margin_over_the_best_blind_driver():
+    passed = _closed_loop_gate(0.80, 0.50)  # default margin 0.25
+    assert passed.promoted and "over the best blind driver's 0.50 in the same scenes: margin +0.30, " \
+                               "required at least +0.25: met" in passed.reason
+    held = _closed_loop_gate(0.70, 0.50)
+    assert held.alias == "challenger"
+    assert held.reason.endswith("closed-loop success 0.70 in 48 rollouts, required at least 0.50 in at least 24; "
+                                "over the best blind driver's 0.50 in the same scenes: margin +0.20, "
+                                "required at least +0.25: not met")
+    assert _closed_loop_gate(0.75, 0.50).promoted  # the margin exactly
+    assert _closed_loop_gate(0.70, 0.45).promoted  # 0.70 − 0.45 is 0.2499…: no loss to a rounding error
+    assert not _closed_loop_gate(0.80, 0.50, min_margin_over_blind=0.35).promoted
+    assert _closed_loop_gate(0.60, 0.50, min_margin_over_blind=0.0).promoted
+    assert not _closed_loop_gate(0.45, 0.0).promoted  # the floor min_closed_loop_success stays
+
+
+def test_gate_holds_back_a_closed_loop_success_without_the_best_blind_drivers():
+    missing = _closed_loop_gate(0.80, None)
+    assert missing.alias == "challenger"
+    assert "the best blind driver's success was not recorded (closed_loop_best_blind_success_rate)" in missing.reason
+    assert missing.reason.endswith("not counted as passed")
+    # Robot data: no world, no closed-loop clause, nothing about blind drivers asked.
+    for best_blind in (None, 0.9):
+        robot = decide_promotion(0.9, "zero", 0.2, 0.05, closed_loop_best_blind=best_blind)
+        assert robot.promoted and "closed-loop" not in robot.reason and "blind" not in robot.reason
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +134,9 @@ def _policy_dir(env, name, tiny_backbone_path, constant=None):
     return str(directory)
 
 
-def _register(env, policy_dir, val_ids, min_margin, model_name=NAME, instance=None):
+def _register(env, policy_dir, val_ids, min_margin, model_name=NAME, instance=None, closed_loop=None):
+    """Materialize evaluation and registration; `closed_loop`, a closed_loop_metrics output to stand in
+    for the asset's (whose world these robot-like episodes do not have)."""
     split = {"train": [i for i in env["ids"] if i not in val_ids], "val": list(val_ids), "val_fraction": 0.4}
 
     @dg.asset(name="lora_adapter")
@@ -112,8 +147,13 @@ def _register(env, policy_dir, val_ids, min_margin, model_name=NAME, instance=No
     def given_split():
         return split
 
+    @dg.asset(name="closed_loop_metrics")
+    def given_closed_loop():
+        return closed_loop
+
     result = dg.materialize(
-        [given_adapter, given_split, evaluation_metrics, closed_loop_metrics, registered_model],
+        [given_adapter, given_split, evaluation_metrics,
+         closed_loop_metrics if closed_loop is None else given_closed_loop, registered_model],
         resources={"window_store": WindowStoreResource(path=str(env["store"])), "compute": ComputeResource()},
         run_config={"ops": {"registered_model": {"config": {"model_name": model_name, "min_accuracy_margin": min_margin}}}},
         instance=instance,
@@ -185,6 +225,71 @@ def test_a_worse_model_never_becomes_champion(env, registered):
     client = registry.client()
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == second["version"]
+
+
+def test_sight_ablations_are_logged_tagged_and_summarised(env, registered):
+    metadata = env["evaluation_metadata"][0]  # v1: always forward, on 2 validation episodes
+    assert metadata["sight_reliance"].value == 0.0  # a constant policy does not look
+    assert metadata["direction_accuracy_other_episode"].value == metadata["direction_accuracy_first"].value
+    shown = [record.data["frames shown"] for record in metadata["sight_ablations"].value.records]
+    assert shown == ["real frames", "first frame only", "another episode's frames", "sight reliance (smaller drop)"]
+    version = registry.client().get_model_version(NAME, "1")
+    run = mlflow.get_run(version.run_id)
+    assert run.data.metrics["eval_sight_reliance"] == 0.0
+    assert "eval_direction_accuracy_first_frame" in run.data.metrics
+    assert "eval_direction_accuracy_other_episode" in run.data.metrics
+    real = float(version.tags["metric.direction_accuracy_first"])
+    assert registry.version_summary(version)["sight_reliance"] == {
+        "real": real, "first_frame": real, "other_episodes": real, "drop": 0.0, "other_episodes_skipped": None}
+
+
+def test_one_validation_episode_tags_the_other_episode_ablation_skipped(env, registered):
+    name = f"{NAME}-one-val"
+    _, one, _ = _register(env, registered["forward"], env["ids"][:1], min_margin=-0.01, model_name=name)
+    version = registry.client().get_model_version(name, one["version"])
+    assert "metric.direction_accuracy_other_episode" not in version.tags
+    sight = registry.version_summary(version)["sight_reliance"]
+    assert sight["other_episodes"] is None and "one validation episode" in sight["other_episodes_skipped"]
+    assert sight["drop"] == 0.0 and sight["first_frame"] == sight["real"]
+
+
+def _world(success: float, best_blind: float | None = 0.5, rollouts: float = 48.0) -> dict:
+    """A closed_loop_metrics output as the closed-loop asset gives it for a simulated world."""
+    headline = {"closed_loop_rollouts": rollouts, "closed_loop_success_rate": success, "closed_loop_spl": 0.6,
+                "closed_loop_collision_rate": 0.1, "closed_loop_scripted_guide_success_rate": 1.0,
+                "closed_loop_blind_side_script_success_rate": best_blind or 0.0,
+                "closed_loop_always_forward_success_rate": 0.0,
+                "closed_loop_frozen_success": 0.25, "closed_loop_blank_success": 0.125}
+    if best_blind is not None:
+        headline["closed_loop_best_blind_success_rate"] = best_blind
+    return {"env": "vla_pipeline/BoxNav-v0", "skipped": None, "headline": headline}
+
+
+def test_the_gate_weighs_closed_loop_success_against_the_best_blind_driver(env, registered):
+    name = f"{NAME}-world"
+    _, passed, passed_meta = _register(env, registered["forward"], env["ids"][:2], min_margin=-0.01, model_name=name,
+                                       closed_loop=_world(0.80))
+    assert passed["alias"] == "champion", passed_meta["reason"].value
+    assert "over the best blind driver's 0.50 in the same scenes: margin +0.30" in passed_meta["reason"].value
+    assert passed_meta["closed_loop_best_blind"].value == 0.5
+    version = registry.client().get_model_version(name, passed["version"])
+    assert version.tags["metric.closed_loop_best_blind_success_rate"] == "0.5000"
+    assert version.tags["metric.closed_loop_frozen_success"] == "0.2500"
+    assert version.tags["metric.closed_loop_blank_success"] == "0.1250"
+    closed = registry.version_summary(version)["closed_loop"]
+    assert (closed["success_rate"], closed["best_blind"], closed["frozen_success"], closed["blank_success"]) == (
+        0.8, 0.5, 0.25, 0.125)
+    assert list(closed["baselines"]) == ["scripted_guide", "best_blind", "blind_side_script", "always_forward"]
+    # The same weights re-gated: too little over the blind driver, then no blind driver recorded at all.
+    _, held, held_meta = _register(env, registered["forward"], env["ids"][:2], min_margin=-0.01, model_name=name,
+                                   closed_loop=_world(0.70))
+    assert held["alias"] == "challenger" and held["version"] == passed["version"]
+    assert held_meta["reason"].value.endswith("margin +0.20, required at least +0.25: not met")
+    _, blind, blind_meta = _register(env, registered["forward"], env["ids"][:2], min_margin=-0.01, model_name=name,
+                                     closed_loop=_world(0.90, best_blind=None))
+    assert blind["alias"] == "challenger" and "success was not recorded" in blind_meta["reason"].value
+    again = registry.version_summary(registry.client().get_model_version(name, blind["version"]))["closed_loop"]
+    assert again["best_blind"] is None and again["success_rate"] == 0.9  # not the earlier gating's 0.50
 
 
 def _gate_state(name: str) -> dict[str, tuple[str, ...]]:
@@ -267,10 +372,20 @@ def test_cli_model_and_predict(env, registered, capsys):
     (f"models:/{NAME}@gold", "has no alias 'gold' (aliases: @challenger → v2, @champion → v1)"),
     (f"models:/{NAME}/99", "has no version 99"),
     ("models:/", "expected models:/<name>@<alias>"),
+    (f"models:/{NAME}/newest", "models:/<name>/<version> or models:/<name>/latest"),
 ])
 def test_predict_names_an_unknown_model_or_alias(env, registered, capsys, uri, message):
     assert cli.main(["predict", "--model-uri", uri, str(env["paths"][0])]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_latest_is_the_highest_version_whatever_the_gate_decided(env, registered, capsys):
+    numbers = [int(v.version) for v in registry.client().search_model_versions(f"name = '{NAME}'")]
+    latest = registry.resolve_version(f"models:/{NAME}/latest")
+    assert latest.version == str(max(numbers)) and len(numbers) > 1
+    assert latest.version != registry.resolve_version(f"models:/{NAME}@champion").version  # v2 is @challenger
+    assert cli.main(["model", "--model-uri", f"models:/{NAME}/latest"]) == 0
+    assert f"version {latest.version}" in capsys.readouterr().out
 
 
 def test_predict_rejects_a_bad_file_before_loading_anything(env, registered, capsys, tmp_path):

@@ -167,6 +167,18 @@ def cmd_model(args) -> int:
     print("instruction flip (left ↔ right swapped, first step): " + (
         f"{flip} of {strafing:.0f} strafing predictions" if flip is not None and strafing is not None
         else flip or "not measured"))
+    sight = summary["sight_reliance"]
+
+    def rate(value: float | None, spec: str = ".3f") -> str:
+        return "not recorded" if value is None else format(value, spec)
+
+    if sight["real"] is not None and sight["first_frame"] is not None:
+        other = (f"skipped ({sight['other_episodes_skipped']})" if sight["other_episodes_skipped"]
+                 else rate(sight["other_episodes"]))
+        print(f"sight reliance (first step, validation): real frames {rate(sight['real'])} | each episode's first "
+              f"frame {rate(sight['first_frame'])} | other episodes' frames {other} | drop {rate(sight['drop'], '+.3f')}")
+    else:
+        print("sight reliance: not recorded (a version registered before it was measured)")
     closed = summary["closed_loop"]
     if closed and "skipped" in closed:
         print(f"closed loop: skipped: {closed['skipped']}")
@@ -178,6 +190,9 @@ def cmd_model(args) -> int:
         print(f"closed loop in {closed['env']} ({shown(closed['rollouts'], '.0f')} rollouts): "
               f"success {shown(closed['success_rate'], '.2f')}, SPL {shown(closed['spl'], '.2f')}, "
               f"collisions {shown(closed['collision_rate'], '.2f')} | same scenes: {baselines or 'not recorded'}")
+        print(f"closed loop, sight ablations: frozen camera {shown(closed['frozen_success'], '.2f')}, "
+              f"blank camera {shown(closed['blank_success'], '.2f')}; the best blind driver "
+              f"{shown(closed['best_blind'], '.2f')}")
     return 0
 
 
@@ -215,12 +230,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _world_of_version(model_uri: str) -> str | None:
+    """The simulated world a registered version was driven in at registration (its closed_loop tag)."""
+    from .evaluation.closed_loop import WORLDS
+    from .evaluation.registry import ModelLookupError, resolve_version
+
+    if not model_uri.startswith("models:/"):
+        return None
+    try:
+        world = resolve_version(model_uri).tags.get("closed_loop")
+    except ModelLookupError:
+        return None  # said once, by load_policy below
+    return world if world in WORLDS else None
+
+
 def cmd_rollout(args) -> int:
     from .evaluation.closed_loop import WORLDS, closed_loop
-    from .sim.env import ENV_ID, scenario_from_token
+    from .sim.env import scenario_from_token
+    from .sim.operator import SAMPLE_WORLD
 
     problem = None
-    args.env = args.env or ENV_ID
+    if args.env is None:
+        args.env = _world_of_version(args.model_uri) or SAMPLE_WORLD
     if args.env not in WORLDS:
         problem = f"--env {args.env!r}: no such simulated world (known: {', '.join(WORLDS)})"
     elif args.episodes < 1 or args.envs < 1:
@@ -255,7 +286,8 @@ def cmd_rollout(args) -> int:
 
     try:
         report = closed_loop(policy, args.episodes, args.seed, args.envs, camera=args.camera, env_id=args.env,
-                             video_dir=args.video, videos="all", baselines=not args.no_baselines, log=say,
+                             video_dir=args.video, videos="all", baselines=not args.no_baselines,
+                             ablations=not args.no_baselines, log=say,
                              on_result=shown, scenario=args.scenario)
     except RolloutsFailed as error:
         print(f"error: {error}", file=sys.stderr)
@@ -264,11 +296,13 @@ def cmd_rollout(args) -> int:
     if args.json:
         print(json.dumps({"summary": summary, "conditions": report.conditions()}))
         return 0
-    columns = ("success", "spl", "collision", "wrong_side", "lost", "timeout", "invalid_action", "controller_error")
-    print(f"{'driver':<20} " + " ".join(f"{column.replace('_', ' '):>{max(len(column), 7)}}" for column in columns))
-    for name, rates in [("policy", summary["policy"]), *summary["baselines"].items()]:
+    columns = ("success", "spl", "collision", "wrong_side", "lost", "stopped_away", "timeout", "invalid_action",
+               "controller_error")
+    print(f"{'driver':<22} " + " ".join(f"{column.replace('_', ' '):>{max(len(column), 7)}}" for column in columns))
+    for name, rates in [("policy", summary["policy"]), *summary["baselines"].items(),
+                        *((f"policy, {name} camera", rates) for name, rates in summary["ablations"].items())]:
         values = [rates["spl"] if column == "spl" else rates[f"{column}_rate"] for column in columns]
-        print(f"{name:<20} " + " ".join(f"{value:>{max(len(column), 7)}.2f}" for column, value in zip(columns, values)))
+        print(f"{name:<22} " + " ".join(f"{value:>{max(len(column), 7)}.2f}" for column, value in zip(columns, values)))
     conditions = report.conditions()
     print(f"{conditions['episodes']} rollouts in {conditions['env']} (plan seed {conditions['seed']}, camera "
           f"{conditions['camera']['name']}, {conditions['envs']} environments)")
@@ -316,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the weights' precision (default fp16, as on the Jetson); merging happens in fp32")
     export.set_defaults(run=cmd_export)
 
-    rollout = commands.add_parser("rollout", help="drive a policy in the simulated world, beside three model-free "
-                                  "drivers in the same scenes: success rate, SPL, collisions")
+    rollout = commands.add_parser("rollout", help="drive a policy in the simulated world, beside the model-free "
+                                  "drivers (the best blind one included) in the same scenes, then with its camera "
+                                  "frozen and blanked: success rate, SPL, collisions")
     rollout.add_argument("model_uri", help="models:/<name>@<alias>, models:/<name>/<version>, a policy directory "
                          "or a deploy bundle")
     rollout.add_argument("--episodes", type=int, default=48, help="rollouts, spread over side × distance × boxes "
@@ -325,12 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--seed", type=int, default=0, help="the plan's seed: the same seed, the same scenes (default 0)")
     rollout.add_argument("--scenario", help="drive every rollout in this scenario, e.g. 1box_hori_left_core_far")
     rollout.add_argument("--envs", type=int, default=2, help="environments stepped at once (default 2)")
-    rollout.add_argument("--env", help="the simulated world to drive in (default: the sample episodes' world, "
-                         "vla_pipeline/BoxNav-v0)")
+    rollout.add_argument("--env", help="the simulated world to drive in (default: the world a registered version "
+                         "was driven in at registration, else the sample episodes' world, vla_pipeline/BoxNav-v1)")
     rollout.add_argument("--camera", choices=("720p", "small"), default="720p",
                          help="720p: the collector's 1280×720 frames (default); small: 320×180, faster")
     rollout.add_argument("--video", type=Path, help="folder to write an MP4 of every policy rollout into")
-    rollout.add_argument("--no-baselines", action="store_true", help="drive the policy only")
+    rollout.add_argument("--no-baselines", action="store_true", help="drive the policy only: no baselines, no sight ablations")
     rollout.add_argument("--json", action="store_true", help="one JSON object per rollout, the baselines' too (each "
                          "naming its driver), then a summary object")
     rollout.set_defaults(run=cmd_rollout)

@@ -1,5 +1,6 @@
 """Closed-loop evaluation: the policy drives the simulated robot (`vla_pipeline.sim`), and so do
-three drivers that need no model, in the same scenes.
+the drivers that need no model, in the same scenes; then the policy drives again with its camera
+frozen on the first frame and blanked to mid-grey (the sight ablations).
 
 Offline scores judge one recorded frame at a time; here the policy's own mistakes put the robot
 where no operator ever was. `closed_loop` runs an evaluation plan (the same seeds and scenarios
@@ -17,7 +18,7 @@ import gymnasium
 import numpy as np
 
 from ..policy.serving import StreamingPolicy
-from ..sim.env import ENV_ID, scenario_from_token
+from ..sim.env import ENV_ID, SIGHT_ENV_ID, scenario_from_token
 from ..sim.report import write_video
 from ..sim.rollout import RolloutResult, plan, run_baselines, run_rollouts, summarise
 
@@ -26,7 +27,11 @@ DEFAULT_EPISODES = 48  # 4 rollouts in each of the 12 side × distance × boxes 
 CAMERAS: dict[str, dict] = {"720p": {"height": 720, "width": 1280}, "small": {"height": 180, "width": 320}}
 # Where the store's episodes name this world as theirs (the `simulator` attribute the sample
 # episodes carry), the policy can be driven in it; other episodes (the robot's) have no world.
-WORLDS = (ENV_ID,)
+WORLDS = (ENV_ID, SIGHT_ENV_ID)
+BLANK_GREY = 128  # the blank camera's frame: mid-grey on every channel
+# The sight ablations: how the policy drives when its camera tells it nothing new. Each name's
+# headline metric is closed_loop_<name>_success.
+ABLATIONS = ("frozen", "blank")
 
 
 class PolicyDriver:
@@ -36,6 +41,8 @@ class PolicyDriver:
     follows, and the first press's. The env shows the start pose once, so the driver feeds that
     first frame twice, as the policy saw it in training, and sends the second answer's first step.
     """
+
+    needs_image = True
 
     def __init__(self, policy: StreamingPolicy):
         # Each driver keeps its own window; the network and its compiled backbone (the CUDA graphs
@@ -54,6 +61,32 @@ class PolicyDriver:
         return self.stream.step(image_bgr, instruction)[0]
 
 
+class FrozenCameraDriver(PolicyDriver):
+    """The policy shown its rollout's first frame at every press: what it does from the
+    instruction and one look, never seeing where it went."""
+
+    def reset(self, instruction: str, info: dict) -> None:
+        super().reset(instruction, info)
+        self.first: np.ndarray | None = None
+
+    def act(self, image_bgr: np.ndarray, instruction: str) -> np.ndarray:
+        if self.first is None:
+            self.first = image_bgr.copy()
+        return super().act(self.first, instruction)
+
+
+class BlankCameraDriver(PolicyDriver):
+    """The policy shown a mid-grey frame at every press: the instruction alone."""
+
+    needs_image = False  # its env renders nothing: the frame is replaced anyway
+
+    def act(self, image_bgr: np.ndarray, instruction: str) -> np.ndarray:
+        return super().act(np.full(image_bgr.shape, BLANK_GREY, np.uint8), instruction)
+
+
+ABLATION_DRIVERS = {"frozen": FrozenCameraDriver, "blank": BlankCameraDriver}
+
+
 @dataclass
 class ClosedLoopReport:
     env: str
@@ -64,12 +97,15 @@ class ClosedLoopReport:
     policy: list[RolloutResult]
     baselines: dict[str, list[RolloutResult]]
     videos: dict[str, Path] = field(default_factory=dict)  # "success" / "failure" → a policy rollout's video
+    ablations: dict[str, list[RolloutResult]] = field(default_factory=dict)  # name of ABLATIONS → rollouts
 
     @property
     def summary(self) -> dict:
-        """{"policy": rates, "baselines": {name: rates}}, the rates of `sim.rollout.summarise`."""
+        """{"policy": rates, "baselines": {name: rates}, "ablations": {name: rates}}, the rates of
+        `sim.rollout.summarise`."""
         return {"policy": summarise(self.policy),
-                "baselines": {name: summarise(results) for name, results in self.baselines.items()}}
+                "baselines": {name: summarise(results) for name, results in self.baselines.items()},
+                "ablations": {name: summarise(results) for name, results in self.ablations.items()}}
 
     def headline(self) -> dict[str, float]:
         """Flat numbers for MLflow and registry tags."""
@@ -78,6 +114,8 @@ class ClosedLoopReport:
                    if key != "per_cell"}
         for name, rates in summary["baselines"].items():
             numbers[f"closed_loop_{name}_success_rate"] = float(rates["success_rate"])
+        for name, rates in summary["ablations"].items():
+            numbers[f"closed_loop_{name}_success"] = float(rates["success_rate"])
         return numbers
 
     def conditions(self) -> dict:
@@ -91,19 +129,22 @@ class ClosedLoopReport:
         return {**self.conditions(), "summary": self.summary,
                 "rollouts": [result.to_dict() for result in self.policy],
                 "baseline_rollouts": {name: [result.to_dict() for result in results]
-                                      for name, results in self.baselines.items()}}
+                                      for name, results in self.baselines.items()},
+                "ablation_rollouts": {name: [result.to_dict() for result in results]
+                                      for name, results in self.ablations.items()}}
 
 
 def closed_loop(policy: StreamingPolicy, episodes: int = DEFAULT_EPISODES, seed: int = 0, envs: int = 2,
                 camera: str = "720p", env_id: str = ENV_ID, video_dir: Path | None = None,
                 videos: str = "one_each", baselines: bool = True, log: Callable[[str], None] = print,
                 on_result: Callable[[str, RolloutResult], None] | None = None,
-                scenario: str | None = None) -> ClosedLoopReport:
+                scenario: str | None = None, ablations: bool = True) -> ClosedLoopReport:
     """Drive `policy` over the plan of `episodes` rollouts from `seed` in `env_id`, then the baselines.
 
     `scenario` (a token such as 1box_hori_left_core_far) drives every rollout in that scenario,
     each with its own seed; a token that is not one, or an env that is not one of WORLDS, raises
-    ValueError. `on_result(driver, result)` hears of every rollout, the baselines' too.
+    ValueError. `on_result(driver, result)` hears of every rollout, the baselines' and the
+    ablations' too (driver "frozen" / "blank"). `ablations=False` skips the sight ablations.
 
     `video_dir` with `videos="one_each"` keeps the first success and the first failure as MP4
     videos; `videos="all"` writes every policy rollout's. Frames are dropped once written.
@@ -143,7 +184,17 @@ def closed_loop(policy: StreamingPolicy, episodes: int = DEFAULT_EPISODES, seed:
     if others:
         log("closed loop, same scenes: " + ", ".join(f"{name} {summarise(found)['success_rate']:.2f}"
                                                      for name, found in others.items()))
-    return ClosedLoopReport(env_id, len(rollouts), seed, camera, envs, results, others, written)
+    blinded = {}
+    for name in ABLATIONS if ablations else ():
+        driver = ABLATION_DRIVERS[name]
+        blinded[name] = run_rollouts(
+            lambda driver=driver: driver(policy), rollouts, envs=envs if driver.needs_image else 1,
+            env_kwargs={**env_kwargs, "camera": driver.needs_image}, env_id=env_id,
+            on_result=None if on_result is None else (lambda result, name=name: on_result(name, result)))
+    if blinded:
+        log("closed loop, sight ablations (same scenes): " + ", ".join(
+            f"{name} camera {summarise(found)['success_rate']:.2f}" for name, found in blinded.items()))
+    return ClosedLoopReport(env_id, len(rollouts), seed, camera, envs, results, others, written, blinded)
 
 
 def world_of_episodes(attrs: list[dict]) -> tuple[str | None, str]:
@@ -157,5 +208,8 @@ def world_of_episodes(attrs: list[dict]) -> tuple[str | None, str]:
     if simulated == 0:
         return None, (f"none of the {len(attrs)} episodes comes from a simulated world the pipeline has "
                       "(robot episodes): there is no world to drive the policy in")
-    return None, (f"{simulated} of {len(attrs)} episodes come from {ENV_ID}, the rest from elsewhere: "
+    if simulated == len(attrs):
+        return None, (f"the episodes come from {len(worlds)} simulated worlds ({', '.join(sorted(worlds))}): "
+                      "name one in the config's env to drive there")
+    return None, (f"{simulated} of {len(attrs)} episodes come from a simulated world, the rest from elsewhere: "
                   "a closed-loop score in that world would not say how the policy drives where the rest was recorded")

@@ -7,6 +7,12 @@ actions[t … t+C-1] in robot units. The `episode_start` frame is predicted but 
 zero action is no key press (training leaves it out too). The constant baselines and, given the training episodes,
 the scripted replay (`replay.py`) are scored on the same targets, and left/right episodes are
 predicted a second time with "left" and "right" swapped in the instruction.
+
+Two sight ablations say whether the policy looks at the frames at all (`metrics.sight_reliance`):
+every episode is predicted again with each window's frames replaced by the episode's first frame,
+and with the frames of the next validation episode (in the order given, the last taking the
+first's) at the same indices, that episode's last frame repeated where it is shorter; the
+instruction stays the episode's own. Both are scored on the same targets as the real frames.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ class EpisodePredictions:
     pred: np.ndarray  # (N, C, 2) robot units
     true: np.ndarray  # (N, C, 2) robot units
     pred_swapped: np.ndarray | None = None  # with left/right swapped in the instruction
+    pred_first_frame: np.ndarray | None = None  # every frame replaced by the episode's first
+    pred_other_episode: np.ndarray | None = None  # the frames of `other_episode_id`, same indices
+    other_episode_id: str | None = None
 
 
 @dataclass
@@ -58,17 +67,27 @@ def _jsonable(value):
 
 
 @torch.no_grad()
-def predict_frames(policy: MobileVLAPolicy, images: np.ndarray, instruction: str) -> np.ndarray:
-    """(T, 224, 224, 3) RGB frames of one episode -> (T, chunk, 2) actions in robot units."""
+def predict_frames(policy: MobileVLAPolicy, images: np.ndarray, instruction: str, repeat: int = 1) -> np.ndarray:
+    """(T, 224, 224, 3) RGB frames of one episode -> (T × repeat, chunk, 2) actions in robot units;
+    `repeat` shows each frame that many times in a row (encoded once)."""
     features = torch.cat([
         policy.encode_images(normalise_images(images[i : i + ENCODE_BATCH]), [instruction] * len(images[i : i + ENCODE_BATCH]))
         for i in range(0, len(images), ENCODE_BATCH)
-    ])
+    ]).repeat_interleave(repeat, dim=0)
     return (sliding_window_actions(policy, features) * policy.config.action_scale).float().cpu().numpy()
 
 
-def predict_episode(policy: MobileVLAPolicy, store: WindowStore, episode_id: str, swap_sides: bool = True) -> EpisodePredictions | None:
-    """Predictions for the frames the episode's windows cover; None if it has no window."""
+def frames_at(store: WindowStore, episode_id: str, count: int) -> np.ndarray:
+    """Frames 0 … count-1 of `episode_id`, its last frame repeated where it has fewer."""
+    taken = np.asarray(store.open_episode(episode_id)["images"][:count])
+    return taken[np.minimum(np.arange(count), len(taken) - 1)]
+
+
+def predict_episode(policy: MobileVLAPolicy, store: WindowStore, episode_id: str, swap_sides: bool = True,
+                    sight_ablations: bool = False, other_episode_id: str | None = None) -> EpisodePredictions | None:
+    """Predictions for the frames the episode's windows cover; None if it has no window.
+    `sight_ablations` predicts them again from the episode's first frame alone and, given
+    `other_episode_id`, from that episode's frames at the same indices."""
     config = policy.config
     group = store.open_episode(episode_id)
     attrs = dict(group.attrs)
@@ -88,7 +107,22 @@ def predict_episode(policy: MobileVLAPolicy, store: WindowStore, episode_id: str
     swapped = mirror_instruction(attrs["instruction"])
     if swap_sides and side in ("left", "right") and swapped != attrs["instruction"]:
         result.pred_swapped = predict_frames(policy, images, swapped)[scored]
+    if sight_ablations:
+        result.pred_first_frame = predict_frames(policy, images[:1], attrs["instruction"], repeat=frames)[scored]
+        if other_episode_id is not None:
+            result.other_episode_id = other_episode_id
+            result.pred_other_episode = predict_frames(
+                policy, frames_at(store, other_episode_id, frames), attrs["instruction"])[scored]
     return result
+
+
+def other_episodes(episode_ids: Sequence[str]) -> dict[str, str]:
+    """Whose frames each episode is shown in the other-episode ablation: the next one in order, the
+    last the first's; {} with fewer than two distinct episodes."""
+    distinct = list(dict.fromkeys(episode_ids))
+    if len(distinct) < 2:
+        return {}
+    return {episode_id: distinct[(i + 1) % len(distinct)] for i, episode_id in enumerate(distinct)}
 
 
 def evaluate(
@@ -99,17 +133,22 @@ def evaluate(
     dead_band: float = metrics.DEFAULT_DEAD_BAND,
     progress: Callable[[str], None] | None = None,
     replay: ScriptedReplay | None = None,
+    sight_ablations: bool = True,
 ) -> Evaluation:
     """Metrics of `policy`, of the constant baselines and (given one, built from the training
-    episodes) of the scripted replay, on the evaluation episodes' covered frames."""
+    episodes) of the scripted replay, on the evaluation episodes' covered frames; with
+    `sight_ablations`, also the accuracy without the real frames (`sight_reliance`; about twice the
+    backbone calls)."""
     store = WindowStore(store_path)
     scale = policy.config.action_scale
     was_training = policy.training
     policy.eval()
     episodes = []
+    others = other_episodes(episode_ids)
     try:
         for number, episode_id in enumerate(episode_ids, 1):
-            predicted = predict_episode(policy, store, episode_id)
+            predicted = predict_episode(policy, store, episode_id, sight_ablations=sight_ablations,
+                                        other_episode_id=others.get(episode_id))
             if predicted is not None:
                 episodes.append(predicted)
             if progress:
@@ -149,10 +188,27 @@ def evaluate(
             np.concatenate([e.pred_swapped[..., 1] for e in swapped]) if swapped else np.zeros((0, 1)),
             scale, dead_band,
         ),
+        "sight_reliance": _sight_reliance(episodes, true, model, scale, dead_band) if sight_ablations else None,
         "by_side": metrics.breakdown(pred, true, _labels(episodes, "side"), scale, dead_band),
         "by_scenario": metrics.breakdown(pred, true, _labels(episodes, "scenario"), scale, dead_band),
     }
     return Evaluation(result, episodes)
+
+
+def _sight_reliance(episodes: list[EpisodePredictions], true: np.ndarray, model: dict, scale: float,
+                    dead_band: float) -> dict:
+    def first_step_accuracy(name: str) -> float:
+        pred = np.concatenate([getattr(e, name) for e in episodes])
+        return metrics.score(pred, true, scale, dead_band)["first"]["direction_accuracy"]
+
+    shown_other = all(e.pred_other_episode is not None for e in episodes)
+    return {
+        **metrics.sight_reliance(model["first"]["direction_accuracy"], first_step_accuracy("pred_first_frame"),
+                                 first_step_accuracy("pred_other_episode") if shown_other else None),
+        "other_episodes_skipped": None if shown_other else
+        "one validation episode: there is no other episode whose frames it could be shown",
+        "other_episode_of": {e.episode_id: e.other_episode_id for e in episodes},
+    }
 
 
 def _labels(episodes: list[EpisodePredictions], name: str) -> list[str | None]:
@@ -179,5 +235,11 @@ def headline(result: dict) -> dict[str, float]:
             out[f"direction_accuracy_margin_over_replay_{steps}"] = result["margin_over_replay"][steps]
     for key, value in sensitivity.items():
         out[f"instruction_{key}"] = value
+    sight = result.get("sight_reliance")
+    if sight:  # first step; an ablation that could not run is left out, never written as 0
+        out["direction_accuracy_first_frame"] = sight["first_frame"]
+        if sight["other_episodes"] is not None:
+            out["direction_accuracy_other_episode"] = sight["other_episodes"]
+        out["sight_reliance"] = sight["drop"]
     out["predictions"] = result["predictions"]
     return {key: float(value) for key, value in out.items()}

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..data.schema import ACTION_DIMS
+from ..data.schema import ACTION_DIMS, DEAD_BAND
 
 DIRECTIONS = ("STOP", "F", "B", "L", "R", "FL", "FR", "BL", "BR")
 # (sign of linear_x, sign of linear_y) -> class; +y strafes left (key "a").
@@ -21,7 +21,7 @@ _CLASS_OF_SIGNS = {(0, 0): 0, (1, 0): 1, (-1, 0): 2, (0, 1): 3, (0, -1): 4, (1, 
 _CLASS_TABLE = np.zeros((3, 3), np.int64)
 for (_sx, _sy), _cls in _CLASS_OF_SIGNS.items():
     _CLASS_TABLE[_sx + 1, _sy + 1] = _cls
-DEFAULT_DEAD_BAND = 0.3  # fraction of the action scale below which a component counts as 0
+DEFAULT_DEAD_BAND = DEAD_BAND  # fraction of the action scale below which a component counts as 0
 STEPS = ("first", "all")
 
 
@@ -140,6 +140,22 @@ def instruction_sensitivity(lateral: np.ndarray, lateral_swapped: np.ndarray, ac
         out[f"flip_fraction_{steps}"] = float(flipped.sum() / either.sum()) if either.any() else 0.0
         out[f"mean_abs_change_{steps}"] = float(np.abs(b - a).mean())
     return out
+
+
+def sight_reliance(real: float, first_frame: float, other_episodes: float | None) -> dict:
+    """How much of the first-step direction accuracy the frames themselves earn: `real` (the real
+    frames), `first_frame` (every window's frames replaced by its episode's first frame: no
+    progress, no scene change) and `other_episodes` (frames of another validation episode at the
+    same indices, the instruction kept: progress without this scene; None where there was no
+    other episode to take them from).
+
+    `drop` = real − the higher of the ablated accuracies that were measured, i.e. the smaller of
+    the drops: the accuracy that no stand-in for the frames could keep. Exactly 0 for a policy that
+    does not look at the frames (it drives on the instruction alone); negative where an
+    ablation scores higher than the real frames (kept as measured, not clipped)."""
+    measured = [accuracy for accuracy in (first_frame, other_episodes) if accuracy is not None]
+    return {"real": real, "first_frame": first_frame, "other_episodes": other_episodes,
+            "drop": real - max(measured)}
 
 
 def breakdown(pred, true, groups: Sequence[str | None], action_scale: float,

@@ -21,7 +21,7 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from .gate import CHAMPION, GATE_ALIASES, PromotionDecision
+from .gate import BEST_BLIND_SUCCESS, CHAMPION, CLOSED_LOOP_SUCCESS, GATE_ALIASES, PromotionDecision
 from ..policy.model import load_policy_dir
 from ..policy.policy_config import CONFIG_FILE, read_policy_config
 from ..policy.bundle import BUNDLE_FILE
@@ -32,6 +32,12 @@ from ..tracking import mlflow_client, tracking_uri
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 POLICY_ARTIFACT = "policy"
+# Closed-loop sight ablations (the policy driven on a frozen first frame, on blank frames): tagged and
+# shown, not gated on.
+FROZEN_SUCCESS = "closed_loop_frozen_success"
+BLANK_SUCCESS = "closed_loop_blank_success"
+# Shown first, in the closed-loop report's order; any other `closed_loop_<name>_success_rate` after them.
+KNOWN_BASELINES = ("scripted_guide", "best_blind", "blind_side_script", "always_forward")
 _LOG = logging.getLogger(__name__)
 _REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "tokenizers", "numpy", "opencv-python-headless",
                  "pandas", "h5py", "zarr", "xxhash", "isal", "accelerate", "mlflow")
@@ -97,7 +103,7 @@ def register_gated_version(name: str, policy_dir: Path | str, tags: dict[str, st
     (tags `promotion`, `promotion_reason`; alias `decision.alias`); returns its ModelVersion.
 
     The same trained weights again (`tags["training_fingerprint"]` already on a version) re-tag
-    that version instead of duplicating it. Either way the version ends holding its decision's
+    that version instead of duplicating it; its `metric.*` tags that `tags` lacks are removed. Either way the version ends holding its decision's
     alias and no other gate alias, so its aliases agree with its `promotion` tag. `log` takes
     `.info` and `.warning` (a logging.Logger, Dagster's context.log)."""
     tags = {**tags, "promotion": decision.alias, "promotion_reason": decision.reason}
@@ -111,6 +117,11 @@ def register_gated_version(name: str, policy_dir: Path | str, tags: dict[str, st
         log.info(f"{name} v{version.version} already holds this training; updating its gate")
         for key, value in tags.items():
             registry.set_model_version_tag(name, version.version, key, value)
+        # A metric this gating did not measure (another validation set, no blind driver) is not recorded,
+        # rather than an earlier gating's number shown beside this decision.
+        for key in version.tags:
+            if key.startswith("metric.") and key not in tags:
+                registry.delete_model_version_tag(name, version.version, key)
     # The version as a string: the sqlite store gives an int, a tracking server a string.
     held = {alias: str(number) for alias, number in registry.get_registered_model(name).aliases.items()}
     # Dropped before the new alias is set, so that no reader ever sees one version holding both.
@@ -166,9 +177,10 @@ def version_with_tag(name: str, key: str, value: str):
 
 
 def resolve_version(uri: str):
-    """models:/<name>@<alias> or models:/<name>/<version> -> ModelVersion; ModelLookupError if unknown,
-    any other registry error (MlflowException) as raised. Only reads: a sqlite registry that does
-    not exist yet is reported, not created."""
+    """models:/<name>@<alias>, models:/<name>/<version> or models:/<name>/latest (the highest version,
+    whatever the gate decided) -> ModelVersion; ModelLookupError if unknown, any other registry error
+    (MlflowException) as raised. Only reads: a sqlite registry that does not exist yet is reported,
+    not created."""
     registry_file = sqlite_registry_file()
     if registry_file is not None and not registry_file.is_file():
         raise ModelLookupError(f"{uri}: no model registry at {registry_file}: nothing is registered there yet "
@@ -179,8 +191,9 @@ def resolve_version(uri: str):
     version = None if alias else reference.rpartition("/")[2]
     if not alias:
         name = reference.rpartition("/")[0]
-    if not name or (version is not None and not version.isdigit()):
-        raise ModelLookupError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    if not name or (version is not None and not (version.isdigit() or version == "latest")):
+        raise ModelLookupError(f"{uri}: expected models:/<name>@<alias>, models:/<name>/<version> "
+                               "or models:/<name>/latest")
     try:
         registered = registry.get_registered_model(name)
     except MlflowException as error:
@@ -194,6 +207,11 @@ def resolve_version(uri: str):
             have = ", ".join(f"@{a} → v{v}" for a, v in sorted(registered.aliases.items())) or "none"
             raise ModelLookupError(f"{uri}: model {name!r} has no alias {alias!r} (aliases: {have})")
         version = registered.aliases[alias]
+    if version == "latest":
+        numbers = [int(found.version) for found in registry.search_model_versions(f"name = '{name}'")]
+        if not numbers:
+            raise ModelLookupError(f"{uri}: model {name!r} has no versions")
+        version = str(max(numbers))
     try:
         return registry.get_model_version(name, version)
     except MlflowException as error:
@@ -256,11 +274,25 @@ def load_policy(uri: str | Path, colour_order: str = "BGR", backbone: str | None
 
 def version_summary(version) -> dict:
     """What a registered version's tags say: its provenance, gate decision, offline metrics
-    against the baselines, instruction flip and closed-loop scores (None where not recorded)."""
+    against the baselines, instruction flip, sight ablations and closed-loop scores (None where
+    not recorded, never 0).
+
+    `sight_reliance`: first-step direction accuracy on the real frames (`real`), on the episode's
+    first frame alone (`first_frame`), on another validation episode's frames (`other_episodes`;
+    None with `other_episodes_skipped` saying why) and the smaller drop (`drop`,
+    `metrics.sight_reliance`). `closed_loop` adds `best_blind` (the best success of a driver blind to
+    the image, also among `baselines`), `frozen_success` and `blank_success`."""
     tags = version.tags
 
     def number(key: str) -> float | None:
         return float(tags[key]) if key in tags else None
+
+    other_tag = tags.get("sight_other_episode", "")
+    other_skipped = other_tag.removeprefix("skipped: ") if other_tag.startswith("skipped") else None
+    sight = {"real": number("metric.direction_accuracy_first"),
+             "first_frame": number("metric.direction_accuracy_first_frame"),
+             "other_episodes": None if other_skipped else number("metric.direction_accuracy_other_episode"),
+             "drop": number("metric.sight_reliance"), "other_episodes_skipped": other_skipped}
 
     def against_baselines(metric: str) -> dict:
         suffix = f"_{metric}_first"
@@ -273,11 +305,17 @@ def version_summary(version) -> dict:
     if world and world.startswith("skipped"):
         closed = {"skipped": world.removeprefix("skipped: ")}
     elif world:
+        recorded = [key.removeprefix("metric.closed_loop_").removesuffix("_success_rate") for key in sorted(tags)
+                    if key.startswith("metric.closed_loop_") and key.endswith("_success_rate")
+                    and key != f"metric.{CLOSED_LOOP_SUCCESS}"]  # the policy's own
+        names = [name for name in KNOWN_BASELINES if name in recorded] + [
+            name for name in recorded if name not in KNOWN_BASELINES]
         closed = {"env": world, **{key: number(f"metric.closed_loop_{key}")
                                    for key in ("rollouts", "success_rate", "spl", "collision_rate")},
-                  "baselines": {name: number(f"metric.closed_loop_{name}_success_rate")
-                                for name in ("scripted_guide", "blind_side_script", "always_forward")
-                                if f"metric.closed_loop_{name}_success_rate" in tags}}
+                  "baselines": {name: number(f"metric.closed_loop_{name}_success_rate") for name in names},
+                  "best_blind": number(f"metric.{BEST_BLIND_SUCCESS}"),
+                  "frozen_success": number(f"metric.{FROZEN_SUCCESS}"),
+                  "blank_success": number(f"metric.{BLANK_SUCCESS}")}
     return {
         "name": version.name, "version": version.version, "run_id": version.run_id,
         "data_snapshot": tags.get("data_snapshot", "?"), "train_episodes": tags.get("train_episodes", "?"),
@@ -289,5 +327,6 @@ def version_summary(version) -> dict:
         "margin": number("metric.direction_accuracy_margin_first"),
         "flip": tags.get("metric.instruction_flip_fraction_first"),
         "strafing_predictions": number("metric.instruction_lateral_predictions_first"),
+        "sight_reliance": sight,
         "closed_loop": closed,
     }

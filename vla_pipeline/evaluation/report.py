@@ -98,6 +98,18 @@ def sensitivity_table(sensitivity: dict) -> Table | None:
 NO_SENSITIVITY = "No left/right validation episodes: instruction sensitivity not measured."
 
 
+def sight_table(sight: dict) -> Table:
+    """First-step direction accuracy on the real frames and on each sight ablation, with its drop
+    from the real; the last row is `sight_reliance`, the smaller drop."""
+    other = sight["other_episodes"]
+    rows = [["real frames", sight["real"], None],
+            ["first frame only", sight["first_frame"], sight["real"] - sight["first_frame"]],
+            ["another episode's frames", other if other is not None else f"not run: {sight['other_episodes_skipped']}",
+             sight["real"] - other if other is not None else None],
+            ["sight reliance (smaller drop)", None, sight["drop"]]]
+    return Table(["frames shown", "dir. acc", "drop"], rows)
+
+
 def markdown(result: dict) -> str:
     sensitivity = sensitivity_table(result["instruction_sensitivity"])
     return "\n\n".join([
@@ -108,6 +120,8 @@ def markdown(result: dict) -> str:
         "### Errors per action dimension (robot units)", per_dimension_table(result).markdown(),
         "### Direction classes, first step", per_class_table(result).markdown(), confusion_table(result).markdown(),
         "### Instruction sensitivity (left ↔ right swapped in the instruction; linear_y)", sensitivity.markdown() if sensitivity else NO_SENSITIVITY,
+        *(["### Sight ablations, first step (the instruction kept)", sight_table(result["sight_reliance"]).markdown()]
+          if result.get("sight_reliance") else []),
         "### By side, first step", group_table(result["by_side"], "side").markdown(),
         "### By scenario, first step", group_table(result["by_scenario"], "scenario").markdown(),
     ]) + "\n"
