@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/learning.py [--episodes 40] [--seed 0] [--other 12] [--other-seed 1234]
                                             [--policy key=value ...] [--train key=value ...] [--json PATH]
+                                            [--closed-loop 48] [--closed-loop-seed 11]
 
 Writes N sample episodes (seed --seed) and 12 of another seed, ingests both with the store's
 default rules, splits the first set as `train_val_split` does (val_fraction 0.2) and trains
@@ -9,9 +10,11 @@ default rules, splits the first set as `train_val_split` does (val_fraction 0.2)
 through the real `train()`. After every epoch the policy is scored through the real
 `evaluate()` on the validation episodes and on the other seed's episodes: first-step direction
 accuracy (the learning curve), against the best constant baseline and the scripted replay of
-the training episodes, and the instruction flip. --policy/--train override preset fields
-(e.g. `--policy action_head=regression side_loss_weight=0`) to measure what a choice buys.
-Always exits 0.
+the training episodes, and the instruction flip. Then the kept policy drives in the sample
+episodes' world over `plan(--closed-loop, --closed-loop-seed)` beside the model-free drivers
+(the best blind one included) and with its camera frozen and blanked, as `closed_loop_metrics`
+drives it (`--closed-loop 0` skips it). --policy/--train override preset fields (e.g. `--policy
+action_head=regression side_loss_weight=0`) to measure what a choice buys. Always exits 0.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from vla_pipeline.data.store import WindowStore
 from vla_pipeline.evaluation.evaluate import evaluate
 from vla_pipeline.evaluation.replay import ScriptedReplay
 from vla_pipeline.policy.policy_config import PolicyConfig
-from vla_pipeline.sim.operator import write_sample_episodes
+from vla_pipeline.sim.operator import SAMPLE_WORLD, write_sample_episodes
 from vla_pipeline.training.split import split_from_store
 from vla_pipeline.training.train import train
 from vla_pipeline.training.train_config import TrainConfig
@@ -54,7 +57,7 @@ def overrides(pairs: list[str]) -> dict:
 
 def stored(n: int, seed: int, workdir: Path) -> tuple[Path, list[str]]:
     """A store of n sample episodes of `seed` (episodes written once under benchmarks/out)."""
-    folder = OUT / f"episodes-n{n}-seed{seed}"
+    folder = OUT / f"episodes-{SAMPLE_WORLD.rpartition('-')[2]}-n{n}-seed{seed}"
     if not folder.is_dir():
         partial = OUT / f".partial-{folder.name}"
         shutil.rmtree(partial, ignore_errors=True)
@@ -71,7 +74,27 @@ def scores(metrics: dict) -> dict:
     return {"accuracy": first, "best_constant": constant, "margin": first - constant,
             "replay": metrics["scripted_replay"]["first"]["direction_accuracy"],
             "flip": metrics["instruction_sensitivity"].get("flip_fraction_first", 0.0),
-            "predictions": metrics["predictions"]}
+            "predictions": metrics["predictions"],
+            "sight_reliance": (metrics.get("sight_reliance") or {}).get("drop")}
+
+
+def drive(policy, episodes: int, seed: int) -> dict:
+    """The policy in closed loop in the sample episodes' world, as closed_loop_metrics drives it."""
+    from collections import Counter
+
+    from vla_pipeline.evaluation.closed_loop import closed_loop
+    from vla_pipeline.policy.serving import StreamingPolicy
+
+    report = closed_loop(StreamingPolicy(policy), episodes, seed, envs=2, env_id=SAMPLE_WORLD, log=lambda line: None)
+    summary = report.summary
+    outcomes = Counter(result.outcome for result in report.policy)
+    rates = {"policy": summary["policy"]["success_rate"],
+             **{name: found["success_rate"] for name, found in summary["baselines"].items()},
+             **{f"{name} camera": found["success_rate"] for name, found in summary["ablations"].items()}}
+    print(f"\nclosed loop in {SAMPLE_WORLD}, plan({episodes}, {seed}): success "
+          + ", ".join(f"{name} {rate:.3f}" for name, rate in rates.items()))
+    print("policy outcomes: " + ", ".join(f"{outcome} {count}" for outcome, count in outcomes.most_common()))
+    return {"success": rates, "outcomes": dict(outcomes), "spl": summary["policy"]["spl"]}
 
 
 def main() -> int:
@@ -83,6 +106,9 @@ def main() -> int:
     parser.add_argument("--policy", nargs="*", default=[], help="PolicyConfig.cpu() overrides, key=value")
     parser.add_argument("--train", nargs="*", default=[], help="TrainConfig.cpu() overrides, key=value")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--closed-loop", type=int, default=48, help="closed-loop rollouts of the kept policy "
+                        "(default 48; 0: none)")
+    parser.add_argument("--closed-loop-seed", type=int, default=11, help="their plan's seed (default 11)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -102,8 +128,10 @@ def main() -> int:
 
     def score_epoch(record: dict, policy) -> None:
         row = {"epoch": record["epoch"], "seconds": time.perf_counter() - started,
-               "val": scores(evaluate(policy, train_store, split.val, mean, replay=replay).metrics),
-               "other": scores(evaluate(policy, other_store, other_ids, mean, replay=replay).metrics)}
+               "val": scores(evaluate(policy, train_store, split.val, mean, replay=replay,
+                                      sight_ablations=False).metrics),
+               "other": scores(evaluate(policy, other_store, other_ids, mean, replay=replay,
+                                        sight_ablations=False).metrics)}
         curve.append(row)
         print(f"epoch {row['epoch']:>2} ({row['seconds']:5.0f} s): val accuracy {row['val']['accuracy']:.3f}, "
               f"other-seed accuracy {row['other']['accuracy']:.3f}, flip {row['val']['flip']:.2f} / "
@@ -121,14 +149,16 @@ def main() -> int:
     print(f"\nkept policy ({train_config.keep} epoch, as lora_adapter keeps it), {result.epochs} epochs in "
           f"{result.seconds:.0f} s of training ({scoring} per-epoch scorings included):")
     print(f"{'episodes':<22} {'predictions':>11} {'accuracy':>9} {'best constant':>14} {'margin':>7} "
-          f"{'scripted replay':>16} {'flip':>5}")
+          f"{'scripted replay':>16} {'flip':>5} {'sight reliance':>15}")
     for name, label in (("val", f"validation (seed {args.seed})"), ("other", f"other seed {args.other_seed}")):
         s = summary[name]
         print(f"{label:<22} {s['predictions']:>11} {s['accuracy']:>9.3f} {s['best_constant']:>14.3f} "
-              f"{s['margin']:>+7.3f} {s['replay']:>16.3f} {s['flip']:>5.2f}")
+              f"{s['margin']:>+7.3f} {s['replay']:>16.3f} {s['flip']:>5.2f} {s['sight_reliance']:>+15.3f}")
+    driven = drive(final, args.closed_loop, args.closed_loop_seed) if args.closed_loop else None
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "curve": curve,
-                                         "summary": summary, "train_seconds": result.seconds}, indent=1))
+                                         "summary": summary, "train_seconds": result.seconds,
+                                         "closed_loop": driven}, indent=1))
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

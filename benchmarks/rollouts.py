@@ -1,7 +1,7 @@
-"""Closed-loop rollout throughput: the three model-free baselines (and a policy) at the collector's 720p.
+"""Closed-loop rollout throughput: the model-free baselines (and a policy) at the collector's 720p.
 
     .venv/bin/python benchmarks/rollouts.py [--episodes 48] [--seed 0] [--envs 1 2 4] [--height 720 --width 1280]
-                                            [--policy MODEL_URI]
+                                            [--policy MODEL_URI] [--env vla_pipeline/BoxNav-v1]
 
 --policy adds the policy (a registry URI, a policy directory or a bundle) as a fourth driver, loaded
 once before the clock starts.
@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+from vla_pipeline.sim.operator import SAMPLE_WORLD
 from vla_pipeline.sim.rollout import BASELINES, ROLLOUT_OUTCOMES, open_envs, plan, run_rollouts, summarise
 
 
@@ -30,6 +31,7 @@ def main() -> int:
     parser.add_argument("--envs", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--env", default=SAMPLE_WORLD, help=f"the world to drive in (default {SAMPLE_WORLD})")
     parser.add_argument("--policy", help="also drive this policy (models:/…, a policy directory or a bundle)")
     args = parser.parse_args()
     drivers = dict(BASELINES)
@@ -48,11 +50,11 @@ def main() -> int:
     first, scores, same = {}, {}, True
     for envs in args.envs:
         started = time.perf_counter()
-        open_envs(envs, env_kwargs).close()
+        open_envs(envs, env_kwargs, env_id=args.env).close()
         start_s = time.perf_counter() - started
         for name, driver in drivers.items():
             started = time.perf_counter()
-            results = run_rollouts(driver, rollouts, envs=envs, env_kwargs=env_kwargs)
+            results = run_rollouts(driver, rollouts, envs=envs, env_kwargs=env_kwargs, env_id=args.env)
             wall = time.perf_counter() - started
             presses = sum(r.presses for r in results)
             print(f"| {envs} | {start_s:.1f} | {name} | {len(results)} | {presses} | {wall:.1f} | "
