@@ -31,10 +31,10 @@ class ClosedLoopConfig(dg.Config):
 
 
 def _rates_table(summary: dict) -> Table:
-    rows = ([("policy", summary["policy"])] + list(summary["baselines"].items())
-            + [(f"policy, {name} camera", rates) for name, rates in summary.get("ablations", {}).items()])
+    from vla_pipeline.evaluation.closed_loop import driver_rows
+
     return Table(["driver", *RATE_COLUMNS], [[name, *(f"{rates[key]:.3f}" for key in RATE_COLUMNS)]
-                                           for name, rates in rows])
+                                           for name, rates in driver_rows(summary)])
 
 
 def _cells_table(summary: dict) -> Table:

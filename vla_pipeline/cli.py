@@ -183,16 +183,13 @@ def cmd_model(args) -> int:
     if closed and "skipped" in closed:
         print(f"closed loop: skipped: {closed['skipped']}")
     elif closed:
-        def shown(value: float | None, spec: str) -> str:
-            return "not recorded" if value is None else format(value, spec)
-
-        baselines = " | ".join(f"{name} {rate:.2f}" for name, rate in closed["baselines"].items())
-        print(f"closed loop in {closed['env']} ({shown(closed['rollouts'], '.0f')} rollouts): "
-              f"success {shown(closed['success_rate'], '.2f')}, SPL {shown(closed['spl'], '.2f')}, "
-              f"collisions {shown(closed['collision_rate'], '.2f')} | same scenes: {baselines or 'not recorded'}")
-        print(f"closed loop, sight ablations: frozen camera {shown(closed['frozen_success'], '.2f')}, "
-              f"blank camera {shown(closed['blank_success'], '.2f')}; the best blind driver "
-              f"{shown(closed['best_blind'], '.2f')}")
+        baselines = " | ".join(f"{name} {value:.2f}" for name, value in closed["baselines"].items())
+        print(f"closed loop in {closed['env']} ({rate(closed['rollouts'], '.0f')} rollouts): "
+              f"success {rate(closed['success_rate'], '.2f')}, SPL {rate(closed['spl'], '.2f')}, "
+              f"collisions {rate(closed['collision_rate'], '.2f')} | same scenes: {baselines or 'not recorded'}")
+        print(f"closed loop, sight ablations: frozen camera {rate(closed['frozen_success'], '.2f')}, "
+              f"blank camera {rate(closed['blank_success'], '.2f')}; the best blind driver "
+              f"{rate(closed['best_blind'], '.2f')}")
     return 0
 
 
@@ -245,7 +242,7 @@ def _world_of_version(model_uri: str) -> str | None:
 
 
 def cmd_rollout(args) -> int:
-    from .evaluation.closed_loop import WORLDS, closed_loop
+    from .evaluation.closed_loop import WORLDS, closed_loop, driver_rows
     from .sim.env import scenario_from_token
     from .sim.operator import SAMPLE_WORLD
 
@@ -299,8 +296,7 @@ def cmd_rollout(args) -> int:
     columns = ("success", "spl", "collision", "wrong_side", "lost", "stopped_away", "timeout", "invalid_action",
                "controller_error")
     print(f"{'driver':<22} " + " ".join(f"{column.replace('_', ' '):>{max(len(column), 7)}}" for column in columns))
-    for name, rates in [("policy", summary["policy"]), *summary["baselines"].items(),
-                        *((f"policy, {name} camera", rates) for name, rates in summary["ablations"].items())]:
+    for name, rates in driver_rows(summary):
         values = [rates["spl"] if column == "spl" else rates[f"{column}_rate"] for column in columns]
         print(f"{name:<22} " + " ".join(f"{value:>{max(len(column), 7)}.2f}" for column, value in zip(columns, values)))
     conditions = report.conditions()

@@ -134,6 +134,13 @@ class ClosedLoopReport:
                                       for name, results in self.ablations.items()}}
 
 
+def driver_rows(summary: dict) -> list[tuple[str, dict]]:
+    """(driver, rates) of a `ClosedLoopReport.summary` in the order tables show them: the policy,
+    the baselines, then the policy under each sight ablation ("policy, frozen camera")."""
+    return [("policy", summary["policy"]), *summary["baselines"].items(),
+            *((f"policy, {name} camera", rates) for name, rates in summary.get("ablations", {}).items())]
+
+
 def closed_loop(policy: StreamingPolicy, episodes: int = DEFAULT_EPISODES, seed: int = 0, envs: int = 2,
                 camera: str = "720p", env_id: str = ENV_ID, video_dir: Path | None = None,
                 videos: str = "one_each", baselines: bool = True, log: Callable[[str], None] = print,
