@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.schema import DEFAULT_TARGET, IMAGE_SIZE, INSTRUCTION_TEMPLATE
+from ..data.instructions import TEMPLATES
+from ..data.schema import DEFAULT_TARGET, IMAGE_SIZE
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -30,8 +31,9 @@ PROMPT_TEMPLATE = "What action should the robot take to {instruction}?"
 BOI_TOKEN = "<image>"
 EOI_TOKEN = "</image>"
 
-# Lower-case words and punctuation of the prompts: the tiny test tokenizer's vocabulary.
-_TEMPLATE_TEXT = re.sub(r"\{\w+\}", " ", f"{PROMPT_TEMPLATE} {INSTRUCTION_TEMPLATE}").lower()
+# Lower-case words and punctuation of the prompts and of every known wording of an instruction
+# (the collector's and its paraphrases): the tiny test tokenizer's vocabulary.
+_TEMPLATE_TEXT = re.sub(r"\{\w+\}", " ", " ".join((PROMPT_TEMPLATE, *TEMPLATES))).lower()
 INSTRUCTION_WORDS = tuple(
     sorted(
         set(re.findall(r"\w+|[^\w\s]", _TEMPLATE_TEXT))

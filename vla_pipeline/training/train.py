@@ -30,7 +30,7 @@ from .autobatch import batch_split
 from .checkpoint import PICKLED_STATE, has_checkpoint, load_checkpoint, publish_policy, save_checkpoint
 from .compute import ComputePlan, half_dtype, plan_compute
 from .train_config import TrainConfig
-from .windows import WindowDataset, make_loader
+from .windows import Augmentation, WindowDataset, make_loader
 
 CHECKPOINT = "checkpoint"
 WARMUP_STEPS = 3  # optimizer steps left out of the steady-state windows/s (allocation, autotuning)
@@ -129,7 +129,7 @@ def train(
     def windows(ids, train):
         return WindowDataset(
             store_path, ids, policy_config.window, policy_config.chunk, policy_config.action_scale,
-            train=train, mirror_prob=config.mirror_prob, colour_jitter=config.colour_jitter, seed=config.seed,
+            train=train, augmentation=Augmentation.of(config), seed=config.seed,
         )
 
     train_set, val_set = windows(train_ids, True), windows(val_ids, False)

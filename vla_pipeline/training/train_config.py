@@ -10,8 +10,8 @@ from ..policy.policy_config import PolicyConfig, config_error
 
 
 class TrainConfig(BaseModel):
-    """AdamW with a cosine schedule and warm-up, gradient clipping and accumulation; mirror and
-    colour augmentation; which epoch's policy is kept. A bad value raises a ValueError naming
+    """AdamW with a cosine schedule and warm-up, gradient clipping and accumulation; augmentation
+    (mirror, crop, colour, blur, instruction paraphrases); which epoch's policy is kept. A bad value raises a ValueError naming
     the field and what it accepts."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -28,8 +28,17 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     loader_workers: int = Field(0, ge=0, description="data loader processes (the compute resource sets it)")
+    # Augmentation (windows.Augmentation): the same change for all frames of a window; 0 turns one off.
     mirror_prob: float = Field(0.5, ge=0.0, le=1.0, description="flip image, linear_y and left/right together")
-    colour_jitter: float = Field(0.1, ge=0.0, lt=1.0, description="brightness/contrast/colour spread of the jitter")
+    brightness: float = Field(0.4, ge=0.0, lt=1.0, description="brightness factor drawn within 1 ± this")
+    contrast: float = Field(0.3, ge=0.0, lt=1.0, description="contrast factor drawn within 1 ± this")
+    saturation: float = Field(0.3, ge=0.0, lt=1.0, description="saturation factor drawn within 1 ± this")
+    hue: float = Field(0.03, ge=0.0, le=0.5, description="hue shifted by up to this fraction of the colour circle")
+    crop_scale: float = Field(0.8, gt=0.0, le=1.0, description=(
+        "random resized crop: the smallest fraction of the frame's area kept, enlarged back (1: no crop)"))
+    blur_prob: float = Field(0.2, ge=0.0, le=1.0, description="chance of a Gaussian blur, sigma 0.1–1.5 px")
+    paraphrase_prob: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "chance the instruction is reworded with a template of data.instructions.TRAINING_PARAPHRASES"))
     # With few validation episodes their loss is noisy, while a cosine schedule ends on a settled model.
     keep: Literal["best", "last"] = Field("best", description="the policy of the best validation loss, or the last epoch's")
 

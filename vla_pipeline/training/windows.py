@@ -17,6 +17,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -26,13 +27,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.episodes import ValidationRules, inspect_episode
+from ..data.instructions import paraphrase
 from ..data.frames import model_frame
 from ..policy.preprocess import normalise_actions
 from ..data.schema import ACTION_SCALE, IMAGE_SIZE, OTHER_SIDE, commanded, mirror_instruction, training_starts
 from ..data.store import WindowStore, is_url
-
-_GREY = np.array([0.299, 0.587, 0.114], np.float32)
-
 
 def action_chunks(raw: np.ndarray, window: int, chunk: int, scale: float,
                   is_command: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -50,18 +49,45 @@ def action_chunks(raw: np.ndarray, window: int, chunk: int, scale: float,
     return padded[steps], mask
 
 
-def colour_jitter(images: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
-    """One brightness/contrast/saturation change (factors near 1) for all frames of a window.
+@dataclass(frozen=True)
+class Augmentation:
+    """What training changes in a window (train=True only); every change is the same for all the
+    window's frames, and each field's zero (crop_scale: 1) turns its change off.
 
-    Brightness scales, contrast blends with the window's mean grey level and saturation blends
-    each pixel with its grey value, as torchvision's ColorJitter does; composed, the three are
-    one affine colour map, applied in a single cv2.transform pass (rounded, saturated uint8).
+    The image changes run through albumentations on the uint8 frames: a random resized crop (a
+    shift and a zoom), brightness/contrast/saturation/hue jitter and, sometimes, a Gaussian blur.
+    The mirror flips frames, linear_y and the instruction's side words together; the paraphrase
+    rewords a known instruction with a template of `data.instructions.TRAINING_PARAPHRASES`.
     """
-    flat = np.ascontiguousarray(images).reshape(-1, images.shape[-2], 3)
-    mean_grey = float(_GREY @ np.array(cv2.mean(flat)[:3], np.float32))
-    matrix = contrast * brightness * (saturation * np.eye(3) + (1.0 - saturation) * _GREY[None, :])
-    offset = np.full((3, 1), (1.0 - contrast) * brightness * mean_grey)
-    return cv2.transform(flat, np.hstack([matrix, offset])).reshape(images.shape)
+
+    mirror_prob: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    crop_scale: float = 1.0
+    blur_prob: float = 0.0
+    paraphrase_prob: float = 0.0
+
+    @classmethod
+    def of(cls, config) -> "Augmentation":
+        """The augmentation a TrainConfig asks for."""
+        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+
+    def pipeline(self):
+        """The albumentations pipeline of the image changes, or None where all are off."""
+        import albumentations
+
+        steps = []
+        if self.crop_scale < 1.0:
+            steps.append(albumentations.RandomResizedCrop(size=(IMAGE_SIZE, IMAGE_SIZE), scale=(self.crop_scale, 1.0),
+                                                          ratio=(0.9, 1.1), p=1.0))
+        if self.brightness or self.contrast or self.saturation or self.hue:
+            steps.append(albumentations.ColorJitter(brightness=self.brightness, contrast=self.contrast,
+                                                    saturation=self.saturation, hue=self.hue, p=1.0))
+        if self.blur_prob:
+            steps.append(albumentations.GaussianBlur(blur_limit=0, sigma_limit=(0.1, 1.5), p=self.blur_prob))
+        return albumentations.Compose(steps) if steps else None
 
 
 def _item(images, raw_actions, is_command, window, chunk, scale, instruction, episode_id, start, side) -> dict:
@@ -81,16 +107,17 @@ class WindowDataset(Dataset):
     """Every (episode, start) window of the given stored episodes (`training_starts`: tail windows too).
 
     Zarr arrays are opened lazily, once per process, and never pickled, so the dataset can
-    be sent to DataLoader workers. Augmentation (train=True only) depends on seed, index
-    and the epoch set with `set_epoch`, not on which worker reads the item; the epoch lives
-    in shared memory, so persistent workers see `set_epoch` calls made before each epoch.
+    be sent to DataLoader workers. `augmentation` (train=True only; none by default) depends on
+    seed, index and the epoch set with `set_epoch`, not on which worker reads the item; the epoch
+    lives in shared memory, so persistent workers see `set_epoch` calls made before each epoch.
     """
 
     def __init__(self, store_path, episode_ids, window: int, chunk: int, action_scale: float = ACTION_SCALE,
-                 train: bool = False, mirror_prob: float = 0.5, colour_jitter: float = 0.1, seed: int = 0):
+                 train: bool = False, augmentation: Augmentation | None = None, seed: int = 0):
         self.store_path = store_path if is_url(store_path) else Path(store_path)  # an fsspec URL stays one
         self.window, self.chunk, self.action_scale = window, chunk, action_scale
-        self.train, self.mirror_prob, self.colour_jitter, self.seed = train, mirror_prob, colour_jitter, seed
+        self.train, self.augmentation, self.seed = train, augmentation or Augmentation(), seed
+        self._pipeline = None  # built on first use, in the process that reads
         store = WindowStore(self.store_path)
         self.meta: dict[str, tuple[str, str | None, int]] = {}
         self.index: list[tuple[str, int]] = []
@@ -109,7 +136,7 @@ class WindowDataset(Dataset):
         return len(self.index)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": {}, "_pid": None}
+        return {**self.__dict__, "_arrays": {}, "_pid": None, "_pipeline": None}
 
     def _episode_arrays(self, episode_id: str):
         if self._pid != os.getpid():  # a forked worker: don't reuse the parent's handles
@@ -129,11 +156,16 @@ class WindowDataset(Dataset):
         raw = actions[start : start + W + C - 1]
         is_command = is_command[start : start + W + C - 1]
         if self.train:
+            augment = self.augmentation
             rng = np.random.default_rng((self.seed, int(self._epoch), index))
-            mirror = rng.random() < self.mirror_prob
-            factors = rng.uniform(1.0 - self.colour_jitter, 1.0 + self.colour_jitter, size=3)
-            if self.colour_jitter > 0:
-                frames = colour_jitter(frames, *factors)
+            mirror = rng.random() < augment.mirror_prob
+            if self._pipeline is None:
+                self._pipeline = augment.pipeline() or False
+            if self._pipeline:
+                self._pipeline.set_random_seed(int(rng.integers(2**31)))
+                frames = self._pipeline(images=np.asarray(frames))["images"]
+            if rng.random() < augment.paraphrase_prob:
+                instruction = paraphrase(instruction, rng)
             if mirror:
                 frames = frames[:, :, ::-1]
                 raw = np.array(raw, np.float32)
