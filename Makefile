@@ -42,7 +42,7 @@ demo: install
 	@$(BIN)/vla-pipeline episodes | tail -n 1
 	@# The CPU preset with its defaults: no config overrides, and the default promotion gate.
 	@VLA_MODEL=cpu $(MATERIALIZE) -c .dagster/console.yaml \
-	  --select 'train_val_split,lora_adapter,evaluation_metrics,closed_loop_metrics,registered_model'
+	  --select 'train_val_split,lora_adapter,evaluation_metrics,closed_loop_metrics,robustness,registered_model'
 	@# The version just registered, champion or not: the CPU preset does not pass the sight gate in
 	@# BoxNav-v1 (docs/performance.md), and `model` shows the gate's decision and why.
 	@echo "--- a fresh process looks the new version up in the registry and drives it over an episode file"

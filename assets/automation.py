@@ -9,6 +9,7 @@ import dagster as dg
 from assets.console import RUN_CONFIG
 from assets.episodes import episode_partitions, episode_windows, raw_episode, register_partitions
 from assets.closed_loop import closed_loop_metrics
+from assets.robustness import robustness
 from assets.evaluation import evaluation_metrics, registered_model
 from assets.training import lora_adapter, train_val_split
 from resources import EpisodeFolder, WindowStoreResource
@@ -32,9 +33,9 @@ ingest_job = dg.define_asset_job(
 
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=[train_val_split, lora_adapter, evaluation_metrics, closed_loop_metrics, registered_model],
-    description=("Split the stored episodes, train the policy, evaluate it offline and in closed loop, and "
-                 "register it behind the gate."),
+    selection=[train_val_split, lora_adapter, evaluation_metrics, closed_loop_metrics, robustness, registered_model],
+    description=("Split the stored episodes, train the policy, evaluate it offline, in closed loop and under the "
+                 "robustness suite's perturbations, and register it behind the gate."),
     config=RUN_CONFIG,
 )
 

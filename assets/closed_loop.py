@@ -46,7 +46,8 @@ def _cells_table(summary: dict) -> Table:
                      for n in names)] for cell, rates in cells.items()])
 
 
-def _world(config: ClosedLoopConfig, split: Split, window_store: WindowStoreResource) -> tuple[str | None, str]:
+def driving_world(config, split: Split, window_store: WindowStoreResource) -> tuple[str | None, str]:
+    """(the world to drive in, or None; why) from a config's `env` (auto, none or a world id)."""
     from vla_pipeline.evaluation.closed_loop import WORLDS, world_of_episodes
 
     if config.env == "none":
@@ -75,7 +76,7 @@ def closed_loop_metrics(
     its camera frozen on the first frame and blanked (the sight ablations). Skipped, with the
     reason, where the episodes come from no simulated world (the robot's)."""
     split = Split.from_dict(train_val_split)
-    world, why = _world(config, split, window_store)
+    world, why = driving_world(config, split, window_store)
     if world is None:
         context.log.info(f"closed loop skipped: {why}")
         return dg.Output({"env": None, "skipped": why}, metadata={"skipped": why})

@@ -173,6 +173,15 @@ def _closed_loop_tags(closed_loop_metrics: dict) -> dict[str, str]:
             **{f"metric.{key}": f"{value:.4f}" for key, value in numbers.items()}}
 
 
+def _robustness_tags(robustness: dict) -> dict[str, str]:
+    """The worst closed-loop condition and its success (or why there is none), and every robustness number."""
+    worst = (robustness.get("closed_loop") or {}).get("worst")
+    text = (f"{worst['condition']} {worst['success_rate']:.2f}" if worst
+            else f"skipped: {robustness.get('skipped') or 'no closed-loop conditions ran'}")
+    return {"robustness_worst": text[:4900],
+            **{f"metric.{key}": f"{value:.4f}" for key, value in robustness.get("headline", {}).items()}}
+
+
 @dg.asset(group_name="evaluation", kinds={"mlflow"})
 def registered_model(
     context: dg.AssetExecutionContext,
@@ -180,6 +189,7 @@ def registered_model(
     lora_adapter: str,
     evaluation_metrics: dict,
     closed_loop_metrics: dict,
+    robustness: dict,
     train_val_split: dict,
     window_store: WindowStoreResource,
     compute: ComputeResource,
@@ -230,6 +240,7 @@ def registered_model(
     tags = _version_tags(numbers, split, lora_adapter, data_snapshot(split.train, split.val, hashes))
     tags.update(_sight_tags(result))
     tags.update(_closed_loop_tags(closed_loop_metrics))
+    tags.update(_robustness_tags(robustness))
     run_id, experiment = training_run_id(lora_adapter), experiment_id()
     version = registry.register_gated_version(config.model_name, lora_adapter, tags, decision, run_id, experiment,
                                               context.log)
@@ -246,6 +257,7 @@ def registered_model(
             "best_baseline": f"{best} ({result['baselines'][best]['first']['direction_accuracy']:.3f})",
             "champion_before": f"v{champion.version}" if champion else "none",
             "champion_before_accuracy_on_current_val": champion_accuracy if champion_accuracy is not None else float("nan"),
+            "robustness_worst": tags["robustness_worst"],
             **({"closed_loop_success": closed[gate.CLOSED_LOOP_SUCCESS],
                 "closed_loop_best_blind": closed.get(gate.BEST_BLIND_SUCCESS, float("nan"))} if closed else {}),
             "model_uri": f"models:/{config.model_name}@{decision.alias}",

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/learning.py [--episodes 40] [--seed 0] [--other 12] [--other-seed 1234]
                                             [--policy key=value ...] [--train key=value ...] [--json PATH]
-                                            [--closed-loop 48] [--closed-loop-seed 11]
+                                            [--closed-loop 48] [--closed-loop-seed 11] [--robustness 24]
 
 Writes N sample episodes (seed --seed) and 12 of another seed, ingests both with the store's
 default rules, splits the first set as `train_val_split` does (val_fraction 0.2) and trains
@@ -13,8 +13,13 @@ accuracy (the learning curve), against the best constant baseline and the script
 the training episodes, and the instruction flip. Then the kept policy drives in the sample
 episodes' world over `plan(--closed-loop, --closed-loop-seed)` beside the model-free drivers
 (the best blind one included) and with its camera frozen and blanked, as `closed_loop_metrics`
-drives it (`--closed-loop 0` skips it). --policy/--train override preset fields (e.g. `--policy
-action_head=regression side_loss_weight=0`) to measure what a choice buys. Always exits 0.
+drives it (`--closed-loop 0` skips it). The kept policy's robustness follows: offline, the
+accuracy under each image perturbation and a held-out wording on both episode sets; in closed loop,
+success over plan(--robustness, --closed-loop-seed) as trained and under every condition of
+`sim.perturb.CONDITIONS` (`--robustness 0` skips the closed-loop part). --policy/--train override
+preset fields (e.g. `--policy action_head=regression side_loss_weight=0`, `--train brightness=0
+contrast=0 saturation=0 hue=0 crop_scale=1 blur_prob=0 paraphrase_prob=0` for no augmentation
+but the mirror) to measure what a choice buys. Always exits 0.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from vla_pipeline.data.ingest import ingest_episodes
 from vla_pipeline.data.store import WindowStore
 from vla_pipeline.evaluation.evaluate import evaluate
 from vla_pipeline.evaluation.replay import ScriptedReplay
+from vla_pipeline.evaluation.robustness import IMAGE_PERTURBATIONS, offline_robustness, robustness_rollouts
+from vla_pipeline.policy.serving import StreamingPolicy
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.sim.operator import SAMPLE_WORLD, write_sample_episodes
 from vla_pipeline.training.split import split_from_store
@@ -83,7 +90,6 @@ def drive(policy, episodes: int, seed: int) -> dict:
     from collections import Counter
 
     from vla_pipeline.evaluation.closed_loop import closed_loop
-    from vla_pipeline.policy.serving import StreamingPolicy
 
     report = closed_loop(StreamingPolicy(policy), episodes, seed, envs=2, env_id=SAMPLE_WORLD, log=lambda line: None)
     summary = report.summary
@@ -109,6 +115,8 @@ def main() -> int:
     parser.add_argument("--closed-loop", type=int, default=48, help="closed-loop rollouts of the kept policy "
                         "(default 48; 0: none)")
     parser.add_argument("--closed-loop-seed", type=int, default=11, help="their plan's seed (default 11)")
+    parser.add_argument("--robustness", type=int, default=24, help="closed-loop rollouts per robustness condition "
+                        "(default 24; 0: none)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -154,11 +162,27 @@ def main() -> int:
         s = summary[name]
         print(f"{label:<22} {s['predictions']:>11} {s['accuracy']:>9.3f} {s['best_constant']:>14.3f} "
               f"{s['margin']:>+7.3f} {s['replay']:>16.3f} {s['flip']:>5.2f} {s['sight_reliance']:>+15.3f}")
+    offline = {name: offline_robustness(final, store, ids) for name, store, ids in
+               (("val", train_store, split.val), ("other", other_store, other_ids))}
+    print("\noffline robustness (first-step direction accuracy):")
+    print(f"{'episodes':<22} {'as recorded':>11} " + " ".join(f"{name:>11}" for name in (*IMAGE_PERTURBATIONS, "paraphrase")))
+    for name, found in offline.items():
+        cells = [found["perturbations"][p]["accuracy"] for p in IMAGE_PERTURBATIONS]
+        worded = found["paraphrase"].get("accuracy", float("nan"))
+        print(f"{name:<22} {found['unperturbed']:>11.3f} " + " ".join(f"{value:>11.3f}" for value in (*cells, worded)))
     driven = drive(final, args.closed_loop, args.closed_loop_seed) if args.closed_loop else None
+    robust = None
+    if args.robustness:
+        report = robustness_rollouts(StreamingPolicy(final), episodes=args.robustness, seed=args.closed_loop_seed,
+                                     env_id=SAMPLE_WORLD, log=lambda line: print(line, flush=True))
+        robust = {"summary": report.summary, "worst": report.worst(), "mean": report.mean()}
+        print(f"robustness, plan({args.robustness}, {args.closed_loop_seed}): worst {robust['worst'][0]} "
+              f"{robust['worst'][1]:.3f}, mean {robust['mean']:.3f}")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "curve": curve,
                                          "summary": summary, "train_seconds": result.seconds,
-                                         "closed_loop": driven}, indent=1))
+                                         "closed_loop": driven, "offline_robustness": offline,
+                                         "robustness": robust}, indent=1))
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -14,6 +14,7 @@ from test_serving import set_constant_output
 
 from assets.closed_loop import closed_loop_metrics
 from assets.evaluation import evaluation_metrics, registered_model
+from assets.robustness import robustness
 from resources import ComputeResource, WindowStoreResource
 from vla_pipeline import cli
 from vla_pipeline.data.ingest import ingest_episodes
@@ -103,7 +104,11 @@ def test_the_drivers_of_every_rollout_share_one_compiled_backbone(tiny_backbone_
     assert len(results) == 3 and len(compiles) == 1
 
 
-def _materialize(world, closed_loop_config, **options):
+ROBUSTNESS_OFF = {"env": "none"}
+SMALL_ROBUSTNESS = {"episodes": 2, "envs": 1, "camera": "small", "conditions": "dim,paraphrase"}
+
+
+def _materialize(world, closed_loop_config, robustness_config=ROBUSTNESS_OFF, **options):
     split = {"train": world["ids"][:-2], "val": world["ids"][-2:], "val_fraction": 0.25}
 
     @dg.asset(name="lora_adapter")
@@ -115,11 +120,12 @@ def _materialize(world, closed_loop_config, **options):
         return split
 
     return dg.materialize(
-        [given_adapter, given_split, evaluation_metrics, closed_loop_metrics, registered_model],
+        [given_adapter, given_split, evaluation_metrics, closed_loop_metrics, robustness, registered_model],
         resources={"window_store": WindowStoreResource(path=str(world["store"])), "compute": ComputeResource()},
         run_config={"ops": {"registered_model": {"config": {"model_name": NAME, "min_accuracy_margin": -1.0,
                                                             "min_closed_loop_rollouts": 12}},
-                            "closed_loop_metrics": {"config": closed_loop_config}}},
+                            "closed_loop_metrics": {"config": closed_loop_config},
+                            "robustness": {"config": robustness_config}}},
         **options,
     )
 
@@ -129,7 +135,7 @@ def test_a_policy_that_drives_into_the_box_stays_challenger(world, capsys):
     training_dir = Path(world["policy_dir"]).parent
     (training_dir / "closed_loop").mkdir(exist_ok=True)
     (training_dir / "closed_loop" / "success.mp4").write_bytes(b"an earlier run's video")
-    result = _materialize(world, SMALL_CAMERA)
+    result = _materialize(world, SMALL_CAMERA, SMALL_ROBUSTNESS)
     assert result.success
     closed = result.output_for_node("closed_loop_metrics")
     assert closed["env"] == SIGHT_ENV_ID and closed["episodes"] == 12  # the sample episodes' world
@@ -176,6 +182,28 @@ def test_a_policy_that_drives_into_the_box_stays_challenger(world, capsys):
         "seed": 0, "episodes": 12}
     assert len(record["rollouts"]) == 12 and set(record["baseline_rollouts"]) == set(closed["summary"]["baselines"])
     assert {name: len(found) for name, found in record["ablation_rollouts"].items()} == {"frozen": 12, "blank": 12}
+
+    # Robustness: as trained and under each condition asked for, in the same world; offline on the val episodes.
+    robust = result.output_for_node("robustness")
+    assert robust["env"] == SIGHT_ENV_ID and list(robust["closed_loop"]["robustness"]) == ["nominal", "dim", "paraphrase"]
+    assert all(rates["collision_rate"] == 1.0 and rates["rollouts"] == 2
+               for rates in robust["closed_loop"]["robustness"].values())
+    assert robust["closed_loop"]["worst"] == {"condition": "dim", "success_rate": 0.0}  # the first of a tie
+    assert set(robust["offline"]["perturbations"]) == {"brighter", "darker", "colour_cast", "blur", "shift", "crop",
+                                                       "rotation"}
+    assert robust["offline"]["paraphrase"]["skipped"] is None  # the sample episodes' instructions are known wordings
+    meta = result.asset_materializations_for_node("robustness")[0].metadata
+    assert meta["worst_condition"].value == "dim" and "![" in meta["chart"].value and "![" in meta["condition_frames"].value
+    assert [r.data["condition"] for r in meta["per_condition"].value.records] == ["nominal", "dim", "paraphrase"]
+    assert [r.data["perturbation"] for r in meta["offline_per_perturbation"].value.records][-1] == "paraphrase"
+    assert version.tags["robustness_worst"] == "dim 0.00"
+    assert version.tags["metric.robustness_paraphrase_success"] == "0.0000"
+    assert "metric.offline_robustness_blur_accuracy" in version.tags
+    assert run.data.metrics["robustness_worst_success"] == 0.0 and "offline_robustness_worst_drop" in run.data.metrics
+    folder = f"robustness/{result.run_id}"
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(world["run_id"], folder)} == {
+        f"{folder}/conditions.png", f"{folder}/robustness.png", f"{folder}/robustness.json"}
+    assert "robustness: worst closed-loop condition dim 0.00, mean over the conditions 0.00 | offline accuracy" in shown
 
 
 def test_the_closed_loop_can_be_turned_off_and_never_blocks_robot_data(world):

@@ -16,6 +16,7 @@ from conftest import scripted_actions, write_episode_file
 from test_serving import set_constant_output
 
 from assets.closed_loop import closed_loop_metrics
+from assets.robustness import robustness
 from assets.evaluation import evaluation_metrics, registered_model
 from resources import ComputeResource, WindowStoreResource
 from vla_pipeline import cli
@@ -153,7 +154,7 @@ def _register(env, policy_dir, val_ids, min_margin, model_name=NAME, instance=No
 
     result = dg.materialize(
         [given_adapter, given_split, evaluation_metrics,
-         closed_loop_metrics if closed_loop is None else given_closed_loop, registered_model],
+         closed_loop_metrics if closed_loop is None else given_closed_loop, robustness, registered_model],
         resources={"window_store": WindowStoreResource(path=str(env["store"])), "compute": ComputeResource()},
         run_config={"ops": {"registered_model": {"config": {"model_name": model_name, "min_accuracy_margin": min_margin}}}},
         instance=instance,

@@ -37,7 +37,7 @@ if CHROMIUM is None:
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = ["raw_episode", "episode_windows", "train_val_split", "lora_adapter", "evaluation_metrics", "closed_loop_metrics",
-          "registered_model"]
+          "robustness", "registered_model"]
 SERVE_TIMEOUT_S = 90  # `make ui` must answer with the code location loaded within this
 RUN_TIMEOUT_S = 180
 UI_TIMEOUT_MS = 30_000

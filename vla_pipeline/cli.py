@@ -190,6 +190,13 @@ def cmd_model(args) -> int:
         print(f"closed loop, sight ablations: frozen camera {rate(closed['frozen_success'], '.2f')}, "
               f"blank camera {rate(closed['blank_success'], '.2f')}; the best blind driver "
               f"{rate(closed['best_blind'], '.2f')}")
+    robust = summary["robustness"]
+    if robust["worst"] is None and robust["offline_unperturbed"] is None:
+        print("robustness: not recorded (a version registered before it was measured)")
+    else:
+        print(f"robustness: worst closed-loop condition {robust['worst'] or 'not recorded'}, mean over the conditions "
+              f"{rate(robust['mean_success'], '.2f')} | offline accuracy {rate(robust['offline_unperturbed'])}, "
+              f"largest drop under an image perturbation {rate(robust['offline_worst_drop'], '+.3f')}")
     return 0
 
 
@@ -245,19 +252,24 @@ def cmd_rollout(args) -> int:
     from .evaluation.closed_loop import WORLDS, closed_loop, driver_rows
     from .sim.env import scenario_from_token
     from .sim.operator import SAMPLE_WORLD
+    from .sim.perturb import parse_conditions
 
-    problem = None
     if args.env is None:
         args.env = _world_of_version(args.model_uri) or SAMPLE_WORLD
+    problem = None
     if args.env not in WORLDS:
         problem = f"--env {args.env!r}: no such simulated world (known: {', '.join(WORLDS)})"
     elif args.episodes < 1 or args.envs < 1:
         problem = "--episodes and --envs must be at least 1"
-    elif args.scenario is not None:
-        try:
+    elif args.perturb is not None and args.scenario is not None:
+        problem = "--perturb drives the plan's scenes: it takes no --scenario"
+    try:
+        if not problem and args.scenario is not None:
             scenario_from_token(args.scenario)
-        except ValueError as error:
-            problem = f"--scenario: {error}"
+        if not problem and args.perturb is not None:
+            args.perturb = parse_conditions(args.perturb)
+    except ValueError as error:
+        problem = f"--{'perturb' if args.perturb is not None else 'scenario'}: {error}"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -281,6 +293,8 @@ def cmd_rollout(args) -> int:
             print(f"  rollout {result.index + 1}/{args.episodes}  {result.scenario:<34} {result.outcome:<14} "
                   f"{result.presses:>2} presses  {result.reason or ''}", flush=True)
 
+    if args.perturb is not None:
+        return _rollout_perturbed(args, policy, say, shown)
     try:
         report = closed_loop(policy, args.episodes, args.seed, args.envs, camera=args.camera, env_id=args.env,
                              video_dir=args.video, videos="all", baselines=not args.no_baselines,
@@ -304,6 +318,35 @@ def cmd_rollout(args) -> int:
           f"{conditions['camera']['name']}, {conditions['envs']} environments)")
     if args.video:
         print(f"videos of every rollout in {args.video}")
+    return 0
+
+
+def _rollout_perturbed(args, policy, say, shown) -> int:
+    """`rollout --perturb`: the policy as trained and under each condition, one row per condition."""
+    from .evaluation.robustness import GOAL_SUCCESS, robustness_rollouts
+    from .sim.rollout import RolloutsFailed
+
+    try:
+        report = robustness_rollouts(policy, args.perturb, args.episodes, args.seed, args.envs, args.camera, args.env,
+                                     log=say, on_result=shown)
+    except RolloutsFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    record = report.record()
+    summary = {"robustness": record["robustness"], "worst": record["worst"], "mean_success": record["mean_success"],
+               "goal_success": GOAL_SUCCESS}
+    if args.json:
+        print(json.dumps({"summary": summary, "conditions": {key: record[key] for key in
+                                                              ("env", "episodes", "seed", "camera", "envs")}}))
+        return 0
+    print(f"{'condition':<17} {'success':>7} {'spl':>5} {'collision':>9} {'wrong side':>10} {'stopped away':>12}")
+    for name, rates in record["robustness"].items():
+        print(f"{name:<17} {rates['success_rate']:>7.2f} {rates['spl']:>5.2f} {rates['collision_rate']:>9.2f} "
+              f"{rates['wrong_side_rate']:>10.2f} {rates['stopped_away_rate']:>12.2f}")
+    worst = record["worst"]
+    print(f"worst: {worst['condition']} {worst['success_rate']:.2f}; mean over the perturbed conditions "
+          f"{record['mean_success']:.2f} (goal: every condition at least {GOAL_SUCCESS:.2f}); {report.episodes} "
+          f"rollouts per condition in {report.env} (plan seed {report.seed}, camera {report.camera})")
     return 0
 
 
@@ -361,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--camera", choices=("720p", "small"), default="720p",
                          help="720p: the collector's 1280×720 frames (default); small: 320×180, faster")
     rollout.add_argument("--video", type=Path, help="folder to write an MP4 of every policy rollout into")
+    rollout.add_argument("--perturb", metavar="CONDITIONS", help="the robustness suite: 'all' or a comma-separated list "
+                         "of conditions (dim, bright, floor_and_walls, obstacle_colour, distractors, camera_lower, "
+                         "camera_higher, camera_tilt, noise, blur, paraphrase); drives the policy as trained and under "
+                         "each, one row per condition (no baselines)")
     rollout.add_argument("--no-baselines", action="store_true", help="drive the policy only: no baselines, no sight ablations")
     rollout.add_argument("--json", action="store_true", help="one JSON object per rollout, the baselines' too (each "
                          "naming its driver), then a summary object")

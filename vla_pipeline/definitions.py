@@ -17,6 +17,7 @@ from assets.automation import (
 )
 from assets.console import console_logger
 from assets.closed_loop import closed_loop_metrics
+from assets.robustness import robustness
 from assets.evaluation import evaluation_metrics, registered_model
 from assets.episodes import episode_partitions, episode_windows, raw_episode, register_partitions
 from assets.training import lora_adapter, train_val_split
@@ -28,7 +29,7 @@ from vla_pipeline.data.store import is_url
 
 defs = dg.Definitions(
     assets=[raw_episode, episode_windows, train_val_split, lora_adapter, evaluation_metrics, closed_loop_metrics,
-            registered_model],
+            robustness, registered_model],
     jobs=[ingest_job, retrain_job],
     sensors=[new_episodes_sensor, automation_sensor],
     schedules=[retrain_schedule],

@@ -281,7 +281,9 @@ def version_summary(version) -> dict:
     first frame alone (`first_frame`), on another validation episode's frames (`other_episodes`;
     None with `other_episodes_skipped` saying why) and the smaller drop (`drop`,
     `metrics.sight_reliance`). `closed_loop` adds `best_blind` (the best success of a driver blind to
-    the image, also among `baselines`), `frozen_success` and `blank_success`."""
+    the image, also among `baselines`), `frozen_success` and `blank_success`. `robustness`: the
+    worst closed-loop condition (`worst`, its tag text), the mean success over the conditions, the
+    unperturbed offline accuracy and the largest drop under an image perturbation."""
     tags = version.tags
 
     def number(key: str) -> float | None:
@@ -329,4 +331,7 @@ def version_summary(version) -> dict:
         "strafing_predictions": number("metric.instruction_lateral_predictions_first"),
         "sight_reliance": sight,
         "closed_loop": closed,
+        "robustness": {"worst": tags.get("robustness_worst"), "mean_success": number("metric.robustness_mean_success"),
+                       "offline_unperturbed": number("metric.offline_robustness_unperturbed_accuracy"),
+                       "offline_worst_drop": number("metric.offline_robustness_worst_drop")},
     }

@@ -23,7 +23,7 @@ import numpy as np
 from gymnasium import spaces
 
 from ..data.schema import ACTION_SCALE, DEAD_BAND, INSTRUCTION_TEMPLATE, Scenario, parse_scenario
-from . import varied
+from . import perturb, varied
 from .geometry import Point, shortest_path, sweep
 from .operator import core_goal_x
 from .render import Renderer
@@ -89,6 +89,7 @@ class Episode:
     target: str
     scene: Scene
     renderer: Renderer | None  # None: the camera is off (a driver that never looks)
+    instruction: str
     frame: np.ndarray
     shortest_path: float
     pose: Point = (0.0, 0.0)
@@ -110,6 +111,9 @@ class BoxNavEnv(gymnasium.Env):
     geometry varies per episode; an action within the dead band on both axes is the stop press,
     which ends the episode: success where the robot has arrived, else `stopped_away`).
 
+    `perturbation` (a name of `perturb.CONDITIONS`) changes what the camera sees or how the
+    instruction is worded, never the geometry: the robustness suite.
+
     reset(options={"scenario": token, "target": "cup"|"bottle"|"basket"}); without a scenario
     it is drawn from the seed. A vector env's reset hands one options dict to every sub-env, so
     `scenario` may also map seeds to tokens ({seed: token, ...}): each sub-env takes its own
@@ -120,7 +124,8 @@ class BoxNavEnv(gymnasium.Env):
                 "observation_colour_order": "BGR", "render_colour_order": "RGB"}
 
     def __init__(self, render_mode: str | None = None, height: int = 720, width: int = 1280,
-                 max_presses: int | None = None, camera: bool = True, world: str = ENV_ID):
+                 max_presses: int | None = None, camera: bool = True, world: str = ENV_ID,
+                 perturbation: str | None = None):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode={render_mode!r}: expected None or 'rgb_array'")
         if world not in ENV_IDS:
@@ -130,6 +135,8 @@ class BoxNavEnv(gymnasium.Env):
             raise ValueError(f"max_presses={max_presses}: expected at least 1")
         self.render_mode, self.height, self.width, self.max_presses = render_mode, height, width, max_presses
         self.world = world
+        self.perturbation = perturbation or perturb.NOMINAL
+        self.look = perturb.condition(perturbation)  # a ValueError naming the conditions
         # camera=False: black frames, nothing rendered, for drivers that never look (the baselines).
         # The scene and every move are the same: rendering only draws the frames' own noise.
         self.black = None if camera else np.zeros((height, width, 3), np.uint8)
@@ -159,8 +166,11 @@ class BoxNavEnv(gymnasium.Env):
             scene, goal_radius = build_scene(scenario, target, core_goal_x(scenario.distance), rng), SUCCESS_RADIUS
         else:
             scene, goal_radius = varied.build_varied_scene(scenario, target, rng), varied.ARRIVAL_DISTANCE[1]
-        renderer = Renderer(scene, rng, self.height, self.width) if self.black is None else None
-        self.episode = Episode(scenario, target, scene, renderer,
+        # The condition's own draws: a generator spawned from the episode's, which it leaves as it was.
+        look_rng = rng.spawn(1)[0]
+        renderer = Renderer(scene, rng, self.height, self.width, self.look, look_rng) if self.black is None else None
+        wording = perturb.instruction(self.look, scenario.side, target, INSTRUCTION_TEMPLATE, look_rng)
+        self.episode = Episode(scenario, target, scene, renderer, wording,
                                frame=renderer.frame(0.0, 0.0) if renderer else self.black,
                                shortest_path=shortest_path((0.0, 0.0), scene.target_xy, goal_radius,
                                                            scene.footprint, scenario.side))
@@ -232,7 +242,7 @@ class BoxNavEnv(gymnasium.Env):
         return self.episode.outcome == "timeout"
 
     def instruction(self) -> str:
-        return INSTRUCTION_TEMPLATE.format(side=self.episode.scenario.side, target=self.episode.target)
+        return self.episode.instruction
 
     def _observation(self) -> dict:
         return {"image": self.episode.frame.copy(), "instruction": self.instruction()}
@@ -249,6 +259,7 @@ class BoxNavEnv(gymnasium.Env):
             "reason": episode.reason, "obstacles": episode.obstacles,
             "target_xy": tuple(float(v) for v in episode.scene.target_xy), "world": self.world,
             "success_radius": SUCCESS_RADIUS if self.world == ENV_ID else varied.ARRIVAL_DISTANCE[1],
+            "perturbation": self.perturbation,
         }
 
     def render(self):

@@ -6,10 +6,12 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
+from . import perturb
 from .scene import WALL_X, Box, Scene
 
 CAMERA_HEIGHT = 0.32  # m; low enough that the boxes hide the target at first
 FLOOR_TILE = 0.5  # m
+FLOOR_CONTRAST = 0.14  # the odd tiles are this much darker
 NEAR_PLANE = 0.12  # m; geometry closer than this is clipped away
 TARGET_BGR = {"cup": (190, 110, 30), "bottle": (60, 160, 40), "basket": (60, 170, 220)}
 NOISE_PAD = 16  # the speckle bank is this much larger than a frame, so each frame shows another crop
@@ -23,17 +25,21 @@ class Camera:
     cx: float
     horizon: float
     column_lateral: np.ndarray  # per pixel column: world lateral offset per metre of depth
+    mount: float = CAMERA_HEIGHT  # m above the floor
 
     @classmethod
-    def for_size(cls, height: int, width: int) -> "Camera":
+    def for_size(cls, height: int, width: int, look: perturb.Condition = perturb.CONDITIONS[perturb.NOMINAL]) -> "Camera":
+        """The robot's camera at that frame size; `look` may move it on its mount (height, pitch)."""
         focal = 0.55 * width  # ~85 degree horizontal field of view, like a wide robot camera
         lateral = -(np.arange(width, dtype=np.float32) + 0.5 - width / 2) / focal
-        return cls(height, width, focal, width / 2, 0.4 * height, lateral)
+        # A small pitch moves the horizon by focal × tan(pitch) (the perspective's own tilt is left out).
+        return cls(height, width, focal, width / 2, 0.4 * height + perturb.horizon_shift(look, focal), lateral,
+                   CAMERA_HEIGHT + look.camera_height)
 
     def project(self, rel: np.ndarray) -> np.ndarray:
         """(N, 3) robot-relative points (x forward, y left, z up) -> (N, 2) pixel u, v."""
         u = self.cx - self.focal * rel[:, 1] / rel[:, 0]
-        v = self.horizon + self.focal * (CAMERA_HEIGHT - rel[:, 2]) / rel[:, 0]
+        v = self.horizon + self.focal * (self.mount - rel[:, 2]) / rel[:, 0]
         return np.stack([u, v], axis=1)
 
 
@@ -42,11 +48,18 @@ class Renderer:
 
     The sensor speckle is drawn from `rng` once, here; every frame then draws its body bounce,
     lighting and speckle crop from the same `rng`, so a seed fixes the whole sequence of frames.
+
+    `look` (a robustness condition, `perturb.CONDITIONS`) restyles what is drawn and degrades each
+    frame; its own draws come from `look_rng`, so `rng` draws the same with any `look`.
     """
 
-    def __init__(self, scene: Scene, rng: np.random.Generator, height: int, width: int):
-        self.scene, self.rng = scene, rng
-        self.camera = Camera.for_size(height, width)
+    def __init__(self, scene: Scene, rng: np.random.Generator, height: int, width: int,
+                 look: perturb.Condition | None = None, look_rng: np.random.Generator | None = None):
+        self.look = look or perturb.CONDITIONS[perturb.NOMINAL]
+        self.look_rng = look_rng if look_rng is not None else np.random.default_rng(0)
+        self.scene, self.distractors = perturb.restyle(scene, self.look, self.look_rng)
+        scene, self.rng = self.scene, rng
+        self.camera = Camera.for_size(height, width, self.look)
         ramp = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
         self.wall_rows = (scene.wall_top_bgr * (1 - ramp) + scene.wall_bottom_bgr * ramp).astype(np.uint8)
         # Sparse sensor speckle: dense noise would triple the gzip size and time of every file.
@@ -60,7 +73,8 @@ class Renderer:
         img = np.empty((height, width, 3), dtype=np.uint8)
         self._draw_floor_and_wall(img, cam, x, y)
         objects = [(float(np.hypot(scene.target_xy[0] - x, scene.target_xy[1] - y)), 0.0, None)]
-        objects += [(float(np.hypot((b.x0 + b.x1) / 2 - x, (b.y0 + b.y1) / 2 - y)), b.z0, b) for b in scene.boxes]
+        objects += [(float(np.hypot((b.x0 + b.x1) / 2 - x, (b.y0 + b.y1) / 2 - y)), b.z0, b)
+                    for b in scene.boxes + self.distractors]
         for _dist, _z, box in sorted(objects, key=lambda o: (-o[0], o[1])):  # painter's order: far first
             if box is None:
                 _draw_target(img, scene, cam, x, y)
@@ -68,18 +82,21 @@ class Renderer:
                 _draw_box(img, box, cam, x, y)
         oy, ox = rng.integers(0, NOISE_PAD, size=2)
         lit = cv2.convertScaleAbs(img, alpha=1.0 + rng.normal(0.0, 0.03), beta=rng.normal(0.0, 3.0))
-        return cv2.add(lit, self.noise_bank[oy:oy + height, ox:ox + width], dtype=cv2.CV_8U)
+        shown = cv2.add(lit, self.noise_bank[oy:oy + height, ox:ox + width], dtype=cv2.CV_8U)
+        return perturb.degrade(shown, self.look, self.look_rng)
 
     def _draw_floor_and_wall(self, img: np.ndarray, cam: Camera, x: float, y: float) -> None:
         to_wall = WALL_X - x
-        wall_base = int(np.clip(np.ceil(cam.horizon + cam.focal * CAMERA_HEIGHT / to_wall), 0, cam.height))
+        wall_base = int(np.clip(np.ceil(cam.horizon + cam.focal * cam.mount / to_wall), 0, cam.height))
         img[:wall_base] = self.wall_rows[:wall_base]
         rows = np.arange(wall_base, cam.height, dtype=np.float32) + 0.5
-        depth = cam.focal * CAMERA_HEIGHT / (rows - cam.horizon)
-        tile_x = np.floor((depth + x) / FLOOR_TILE).astype(np.int32)[:, None]
-        tile_y = np.floor((y + depth[:, None] * cam.column_lateral) / FLOOR_TILE).astype(np.int32)
+        depth = cam.focal * cam.mount / (rows - cam.horizon)
+        tile = self.look.floor_tile or FLOOR_TILE
+        contrast = FLOOR_CONTRAST if self.look.floor_contrast is None else self.look.floor_contrast
+        tile_x = np.floor((depth + x) / tile).astype(np.int32)[:, None]
+        tile_y = np.floor((y + depth[:, None] * cam.column_lateral) / tile).astype(np.int32)
         fog = np.clip(depth / WALL_X, 0.0, 1.0)[:, None]  # fades the checker so the horizon doesn't alias
-        brightness = (1.0 - 0.14 * ((tile_x + tile_y) & 1) * (1.0 - fog)) * (0.75 + 0.25 * (1.0 - fog))
+        brightness = (1.0 - contrast * ((tile_x + tile_y) & 1) * (1.0 - fog)) * (0.75 + 0.25 * (1.0 - fog))
         img[wall_base:] = (brightness[:, :, None] * self.scene.floor_bgr).astype(np.uint8)
 
         def wall_point(wy: float, wz: float) -> tuple[int, int]:
@@ -112,7 +129,7 @@ def _draw_box(img: np.ndarray, box: Box, cam: Camera, x: float, y: float) -> Non
         faces.append(([(x0, y1, z0), (x1, y1, z0), (x1, y1, z1), (x0, y1, z1)], 0.7))
     if y0 > 0:
         faces.append(([(x0, y0, z0), (x1, y0, z0), (x1, y0, z1), (x0, y0, z1)], 0.7))
-    if z1 < CAMERA_HEIGHT:
+    if z1 < cam.mount:
         faces.append(([(x0, y0, z1), (x1, y0, z1), (x1, y1, z1), (x0, y1, z1)], 1.2))
     for corners, shade in faces:
         clipped = _clip_to_near_plane(np.array(corners, dtype=np.float64))
