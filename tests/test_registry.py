@@ -190,6 +190,18 @@ def test_first_model_becomes_champion_and_is_logged_with_its_tags(registered):
     assert float(tags["metric.direction_accuracy_first"]) == float(tags["metric.baseline_always_forward_direction_accuracy_first"])
 
 
+def test_robot_data_gets_offline_robustness_and_no_closed_loop_one(registered):
+    tags = registry.client().get_model_version(NAME, "1").tags
+    assert tags["robustness_worst"].startswith("skipped: ") and "robot episodes" in tags["robustness_worst"]
+    # A constant always-forward policy: no image perturbation can move its accuracy.
+    assert tags["metric.offline_robustness_worst_drop"] == "0.0000"
+    assert tags["metric.offline_robustness_darker_accuracy"] == tags["metric.offline_robustness_unperturbed_accuracy"]
+    assert not any(key.startswith("metric.robustness_") for key in tags)
+    robust = registry.version_summary(registry.client().get_model_version(NAME, "1"))["robustness"]
+    assert robust["worst"] == tags["robustness_worst"] and robust["mean_success"] is None
+    assert robust["offline_worst_drop"] == 0.0
+
+
 def test_evaluation_is_shown_in_the_ui_and_logged_to_the_training_run(env, registered):
     metadata = env["evaluation_metadata"][0]
     # Tables are Dagster tables (rendered as tables on the asset page, whatever their size).
