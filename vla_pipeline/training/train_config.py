@@ -30,11 +30,12 @@ class TrainConfig(BaseModel):
     loader_workers: int = Field(0, ge=0, description="data loader processes (the compute resource sets it)")
     # Augmentation (windows.Augmentation): the same change for all frames of a window; 0 turns one off.
     mirror_prob: float = Field(0.5, ge=0.0, le=1.0, description="flip image, linear_y and left/right together")
-    brightness: float = Field(0.4, ge=0.0, lt=1.0, description="brightness factor drawn within 1 ± this")
-    contrast: float = Field(0.3, ge=0.0, lt=1.0, description="contrast factor drawn within 1 ± this")
-    saturation: float = Field(0.3, ge=0.0, lt=1.0, description="saturation factor drawn within 1 ± this")
-    hue: float = Field(0.03, ge=0.0, le=0.5, description="hue shifted by up to this fraction of the colour circle")
-    crop_scale: float = Field(0.8, gt=0.0, le=1.0, description=(
+    brightness: float = Field(0.25, ge=0.0, lt=1.0, description="brightness factor drawn within 1 ± this")
+    contrast: float = Field(0.2, ge=0.0, lt=1.0, description="contrast factor drawn within 1 ± this")
+    saturation: float = Field(0.2, ge=0.0, lt=1.0, description="saturation factor drawn within 1 ± this")
+    hue: float = Field(0.02, ge=0.0, le=0.5, description="hue shifted by up to this fraction of the colour circle")
+    # Off by default: the crop moves the target in the frame, and where it stands is what the strafes follow.
+    crop_scale: float = Field(1.0, gt=0.0, le=1.0, description=(
         "random resized crop: the smallest fraction of the frame's area kept, enlarged back (1: no crop)"))
     blur_prob: float = Field(0.2, ge=0.0, le=1.0, description="chance of a Gaussian blur, sigma 0.1–1.5 px")
     paraphrase_prob: float = Field(0.5, ge=0.0, le=1.0, description=(
