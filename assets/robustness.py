@@ -24,7 +24,9 @@ class RobustnessConfig(dg.Config):
     conditions: str = Field(default="all", description=(
         '"all" or a comma-separated list of dim, bright, floor_and_walls, obstacle_colour, distractors, '
         'camera_lower, camera_higher, camera_tilt, noise, blur, paraphrase'))
-    episodes: int = Field(default=24, ge=1, le=2000, description="closed-loop rollouts per condition")
+    episodes: int = Field(default=12, ge=1, le=2000, description=(
+        "closed-loop rollouts per condition: 12 drives each side × distance × boxes cell once; 24 or more for "
+        "finer rates (vla-pipeline rollout --perturb all --episodes 24)"))
     seed: int = Field(default=0, description="the plan's seed: the same seed gives the same scenes")
     envs: int = Field(default=2, ge=1, le=32, description="environments stepped at once (worker processes)")
     camera: Literal["720p", "small"] = Field(default="720p", description=(

@@ -30,7 +30,7 @@ from ..policy.serving import StreamingPolicy
 from ..sim.perturb import CONDITIONS, NOMINAL, PERTURBED
 from ..sim.rollout import RolloutResult, plan, run_rollouts, summarise
 
-DEFAULT_EPISODES = 24  # per condition: 2 rollouts in each of the 12 side × distance × boxes cells
+DEFAULT_EPISODES = 12  # per condition: one rollout in each of the 12 side × distance × boxes cells
 GOAL_SUCCESS = 0.80  # every perturbed condition's closed-loop success, for a champion
 GOAL_ACCURACY_DROP = 0.10  # offline: each perturbation's accuracy within this of the unperturbed
 RATES = ("success_rate", "spl", "collision_rate", "wrong_side_rate", "stopped_away_rate", "timeout_rate")
