@@ -58,7 +58,7 @@ class TrainConfig(BaseModel):
         """Training for `PolicyConfig.cpu()` on a CPU (benchmarks/learning.py): a high lr for a
         small model trained from scratch, 60 warm-up steps, the last epoch's policy kept, and the
         mirror as its only augmentation: the others buy robustness but take the demo's training
-        from 210 s to 520 s, past its budget (docs/performance.md, "What augmentation buys")."""
+        from 329 s to 520 s, past its budget (docs/performance.md, "What augmentation buys")."""
         return cls(**{**dict(epochs=20, batch_size=8, grad_accum=1, lr=2e-3, warmup_steps=60, keep="last",
                              **MIRROR_ONLY), **overrides})
 
