@@ -34,9 +34,10 @@ class RobustnessConfig(dg.Config):
 
 
 def closed_table(summary: dict) -> Table:
-    return Table(["condition", "success", "SPL", "collision", "wrong side", "stopped away", "what changes"],
+    return Table(["condition", "success", "SPL", "collision", "wrong side", "lost", "stopped away", "what changes"],
                  [[name, f"{r['success_rate']:.2f}", f"{r['spl']:.2f}", f"{r['collision_rate']:.2f}",
-                   f"{r['wrong_side_rate']:.2f}", f"{r['stopped_away_rate']:.2f}", r["description"]]
+                   f"{r['wrong_side_rate']:.2f}", f"{r['lost_rate']:.2f}", f"{r['stopped_away_rate']:.2f}",
+                   r["description"]]
                   for name, r in summary.items()])
 
 

@@ -339,10 +339,11 @@ def _rollout_perturbed(args, policy, say, shown) -> int:
         print(json.dumps({"summary": summary, "conditions": {key: record[key] for key in
                                                               ("env", "episodes", "seed", "camera", "envs")}}))
         return 0
-    print(f"{'condition':<17} {'success':>7} {'spl':>5} {'collision':>9} {'wrong side':>10} {'stopped away':>12}")
+    print(f"{'condition':<17} {'success':>7} {'spl':>5} {'collision':>9} {'wrong side':>10} {'lost':>5} "
+          f"{'stopped away':>12}")
     for name, rates in record["robustness"].items():
         print(f"{name:<17} {rates['success_rate']:>7.2f} {rates['spl']:>5.2f} {rates['collision_rate']:>9.2f} "
-              f"{rates['wrong_side_rate']:>10.2f} {rates['stopped_away_rate']:>12.2f}")
+              f"{rates['wrong_side_rate']:>10.2f} {rates['lost_rate']:>5.2f} {rates['stopped_away_rate']:>12.2f}")
     worst = record["worst"]
     print(f"worst: {worst['condition']} {worst['success_rate']:.2f}; mean over the perturbed conditions "
           f"{record['mean_success']:.2f} (goal: every condition at least {GOAL_SUCCESS:.2f}); {report.episodes} "

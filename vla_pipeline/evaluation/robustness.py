@@ -33,7 +33,7 @@ from ..sim.rollout import RolloutResult, plan, run_rollouts, summarise
 DEFAULT_EPISODES = 12  # per condition: one rollout in each of the 12 side × distance × boxes cells
 GOAL_SUCCESS = 0.80  # every perturbed condition's closed-loop success, for a champion
 GOAL_ACCURACY_DROP = 0.10  # offline: each perturbation's accuracy within this of the unperturbed
-RATES = ("success_rate", "spl", "collision_rate", "wrong_side_rate", "stopped_away_rate", "timeout_rate")
+RATES = ("success_rate", "spl", "collision_rate", "wrong_side_rate", "lost_rate", "stopped_away_rate", "timeout_rate")
 
 
 def _gain(gains) -> Callable[[np.ndarray], np.ndarray]:
