@@ -16,6 +16,8 @@ Batch for `MobileVLAPolicy.forward` (B windows of W frames):
 
 from __future__ import annotations
 
+import contextlib
+
 import warnings
 from pathlib import Path
 
@@ -75,7 +77,11 @@ class PolicyHead(nn.Module):
     def raw(self, features: torch.Tensor) -> torch.Tensor:
         """Pre-activation outputs: (B, W, chunk, action_dim) or, classifying, (..., 3) logits."""
         batch, window = features.shape[:2]
-        out, _ = self.lstm(features.float())
+        # On a CPU, autocast would run the LSTM in bf16 through oneDNN, which has no bf16 LSTM on
+        # CPUs without bf16 instructions ("could not create a primitive descriptor"); the head is
+        # small and trained in fp32 anyway, so there it runs in fp32.
+        with torch.autocast("cpu", enabled=False) if features.device.type == "cpu" else contextlib.nullcontext():
+            out, _ = self.lstm(features.float())
         out = self.mlp(out).view(batch, window, self.chunk, self.action_dim, self.outputs_per_action)
         return out if self.kind == "classification" else out.squeeze(-1)
 
