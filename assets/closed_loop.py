@@ -8,11 +8,10 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
-from assets.ui import metadata_plot, metadata_table
+from assets.ui import log_to_training_run, metadata_plot, metadata_table
 from resources import ComputeResource, WindowStoreResource
 from vla_pipeline.evaluation.report import Table
 from vla_pipeline.training.split import Split
-from vla_pipeline.tracking import experiment_id, run_link, training_run_id
 
 RATE_COLUMNS = ("success_rate", "spl", "collision_rate", "wrong_side_rate", "lost_rate", "stopped_away_rate",
                 "timeout_rate", "invalid_action_rate", "controller_error_rate")
@@ -81,8 +80,6 @@ def closed_loop_metrics(
         context.log.info(f"closed loop skipped: {why}")
         return dg.Output({"env": None, "skipped": why}, metadata={"skipped": why})
 
-    import mlflow
-
     from vla_pipeline.evaluation.closed_loop import closed_loop
     from vla_pipeline.policy.model import load_policy_dir
     from vla_pipeline.policy.serving import StreamingPolicy
@@ -104,13 +101,7 @@ def closed_loop_metrics(
     videos = {kind: path.replace(out_dir / f"{kind}.mp4") for kind, path in report.videos.items()}
     (out_dir / "closed_loop.json").write_text(json.dumps(report.record(), indent=1))
 
-    run_id, experiment = training_run_id(lora_adapter), experiment_id()
-    if run_id:
-        with mlflow.start_run(run_id=run_id, experiment_id=experiment):
-            mlflow.log_metrics(numbers)
-            mlflow.log_artifacts(str(out_dir), f"closed_loop/{context.run_id}")
-    else:
-        context.log.warning(f"{lora_adapter}: no MLflow training run recorded beside it; metrics not logged")
+    mlflow_link = log_to_training_run(context, lora_adapter, numbers, out_dir, f"closed_loop/{context.run_id}")
     return dg.Output(
         {**report.conditions(), "skipped": None, "summary": summary, "headline": numbers},
         metadata={
@@ -129,6 +120,6 @@ def closed_loop_metrics(
             "per_cell": metadata_table(_cells_table(summary)),
             "paths": metadata_plot(context, figure, "top-down paths, coloured by outcome"),
             **{f"video_{kind}": dg.MetadataValue.path(str(path)) for kind, path in videos.items()},
-            **({"mlflow_run": dg.MetadataValue.url(run_link(run_id, experiment))} if run_id else {}),
+            **mlflow_link,
         },
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from assets.ui import metadata_plot, metadata_table
+from assets.ui import log_to_training_run, metadata_plot, metadata_table
 from resources import ComputeResource, WindowStoreResource
 from vla_pipeline.evaluation import gate
 from vla_pipeline.evaluation.metrics import DEFAULT_DEAD_BAND
@@ -65,8 +65,6 @@ def evaluation_metrics(
     accuracy from the episode's first frame alone and from another validation episode's frames:
     `sight_reliance` is the smaller drop), and per-side and per-scenario breakdowns on the
     validation episodes. Logged to the training's MLflow run."""
-    import mlflow
-
     from vla_pipeline.evaluation.evaluate import headline
 
     split = Split.from_dict(train_val_split)
@@ -75,13 +73,8 @@ def evaluation_metrics(
     val_key = hashlib.sha256(json.dumps([sorted(split.val), config.dead_band]).encode()).hexdigest()[:10]
     report_dir = write_report(evaluation, Path(lora_adapter).parent / "evaluation" / val_key)
     numbers = headline(result)
-    run_id, experiment = training_run_id(lora_adapter), experiment_id()
-    if run_id:
-        with mlflow.start_run(run_id=run_id, experiment_id=experiment):
-            mlflow.log_metrics({f"eval_{key}": value for key, value in numbers.items()})
-            mlflow.log_artifacts(str(report_dir), "evaluation")
-    else:
-        context.log.warning(f"{lora_adapter}: no MLflow training run recorded beside it; metrics not logged")
+    mlflow_link = log_to_training_run(context, lora_adapter, {f"eval_{key}": value for key, value in numbers.items()},
+                                      report_dir, "evaluation")
     margin, sight = result["margin"]["first"], result["sight_reliance"]
     other = sight["other_episodes"]
     context.log.info(
@@ -121,7 +114,7 @@ def evaluation_metrics(
             "by_side_first_step": metadata_table(group_table(result["by_side"], "side")),
             "by_scenario_first_step": metadata_table(group_table(result["by_scenario"], "scenario")),
             "report": dg.MetadataValue.path(str(report_dir / "report.md")),
-            **({"mlflow_run": dg.MetadataValue.url(run_link(run_id, experiment))} if run_id else {}),
+            **mlflow_link,
         },
     )
 

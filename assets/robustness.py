@@ -10,11 +10,10 @@ import dagster as dg
 from pydantic import Field
 
 from assets.closed_loop import driving_world
-from assets.ui import metadata_plot, metadata_table
+from assets.ui import log_to_training_run, metadata_plot, metadata_table
 from resources import ComputeResource, WindowStoreResource
 from vla_pipeline.evaluation.report import Table
 from vla_pipeline.training.split import Split
-from vla_pipeline.tracking import experiment_id, run_link, training_run_id
 
 
 class RobustnessConfig(dg.Config):
@@ -71,8 +70,6 @@ def robustness(
     closed loop, where the data comes from a simulated world: success, SPL and collisions as trained
     and under each condition (light, floor and walls, obstacle colour, distractors, camera height
     and pitch, noise, blur, held-out wordings), in the same scenes, with a frame of each."""
-    import mlflow
-
     from vla_pipeline.evaluation.robustness import (
         bar_chart, frames_figure, offline_headline, offline_robustness, robustness_rollouts)
     from vla_pipeline.policy.model import load_policy_dir
@@ -112,13 +109,7 @@ def robustness(
         (out_dir / "robustness.png").write_bytes(bar_chart(closed and closed["robustness"], offline))
     (out_dir / "robustness.json").write_text(json.dumps({"offline": offline, "closed_loop": closed}, indent=1))
 
-    run_id, experiment = training_run_id(lora_adapter), experiment_id()
-    if run_id:
-        with mlflow.start_run(run_id=run_id, experiment_id=experiment):
-            mlflow.log_metrics(numbers)
-            mlflow.log_artifacts(str(out_dir), f"robustness/{context.run_id}")
-    else:
-        context.log.warning(f"{lora_adapter}: no MLflow training run recorded beside it; metrics not logged")
+    mlflow_link = log_to_training_run(context, lora_adapter, numbers, out_dir, f"robustness/{context.run_id}")
 
     worst = closed["worst"] if closed else None
     value = {"env": world, "skipped": None if world else why, "offline": offline, "headline": numbers,
@@ -139,6 +130,6 @@ def robustness(
         **({"chart": metadata_plot(context, out_dir / "robustness.png", "success and accuracy per condition")}
            if offline or closed else {}),
         "records": dg.MetadataValue.path(str(out_dir)),
-        **({"mlflow_run": dg.MetadataValue.url(run_link(run_id, experiment))} if run_id else {}),
+        **mlflow_link,
     }
     return dg.Output(value, metadata=metadata)

@@ -7,6 +7,7 @@ import dagster as dg
 from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager  # not exported in 1.13
 
 from vla_pipeline.evaluation.report import NO_SENSITIVITY, Table, inline_image
+from vla_pipeline.tracking import experiment_id, run_link, training_run_id
 
 
 def metadata_table(table: Table | None, empty: str = NO_SENSITIVITY) -> dg.MetadataValue:
@@ -32,3 +33,19 @@ def metadata_plot(context: dg.AssetExecutionContext, path: Path, title: str) -> 
     served.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, served)
     return dg.MetadataValue.md(f"![{title}](/logs/{'/'.join(key)}/{path.suffix.lstrip('.')})")
+
+
+def log_to_training_run(context: dg.AssetExecutionContext, lora_adapter: str, metrics: dict[str, float],
+                        artifacts: Path, artifact_path: str) -> dict[str, dg.MetadataValue]:
+    """Log `metrics` and the `artifacts` folder (under `artifact_path`) to the MLflow run that trained
+    `lora_adapter`; the asset's `mlflow_run` link, or {} (with a warning) where no run is recorded."""
+    import mlflow
+
+    run_id, experiment = training_run_id(lora_adapter), experiment_id()
+    if not run_id:
+        context.log.warning(f"{lora_adapter}: no MLflow training run recorded beside it; metrics not logged")
+        return {}
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment):
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifacts(str(artifacts), artifact_path)
+    return {"mlflow_run": dg.MetadataValue.url(run_link(run_id, experiment))}
