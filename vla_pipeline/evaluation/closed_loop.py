@@ -45,9 +45,10 @@ class PolicyDriver:
     needs_image = True
 
     def __init__(self, policy: StreamingPolicy):
-        # Each driver keeps its own window; the network and its compiled backbone (the CUDA graphs
-        # captured once per policy, not once per rollout) are shared.
-        self.stream = StreamingPolicy(policy.policy, "BGR", compiled=policy.policy.backbone_call is not None)
+        # Each driver keeps its own window (a StreamingPolicy's fork, or a new session on a policy
+        # server); the network and its compiled backbone (the CUDA graphs captured once per policy,
+        # not once per rollout) are shared.
+        self.stream = policy.fork("BGR")
         self.started = False
 
     def reset(self, instruction: str, info: dict) -> None:

@@ -74,19 +74,15 @@ class StreamingPolicy:
         order = _colour_order(colour_order or self.colour_order)
         return normalise_images(model_frame(frame, order, IMAGE_SIZE))
 
-    @torch.no_grad()
     def step(self, image, instruction: str, colour_order: str | None = None) -> np.ndarray:
         """Encode the new frame, append its feature to the window, return the (chunk, 2) actions."""
-        pixels = self.preprocess(image, colour_order)
-        if instruction != self._instruction and self._pixels:
-            # A new instruction changes every cached feature: re-encode the window's frames.
-            stack = torch.stack(list(self._pixels))
-            self._features = deque(self._encode(stack, [instruction] * len(stack)).unbind(0), maxlen=self.config.window)
-        self._instruction = instruction
-        self._pixels.append(pixels)
-        self._features.append(self._encode(pixels[None], [instruction])[0])
-        actions = self.policy.head(torch.stack(list(self._features))[None])[0, -1]
-        return (actions * self.config.action_scale).float().cpu().numpy()
+        return step_many([self], [image], [instruction], [colour_order])[0]
+
+    def fork(self, colour_order: str | None = None) -> StreamingPolicy:
+        """A new stream (its own window) over the same network and compiled backbone: one per robot
+        or rollout; the CUDA graphs are captured once per policy, not once per stream."""
+        return StreamingPolicy(self.policy, colour_order or self.colour_order, self.metadata,
+                               compiled=self.metadata["compiled"])
 
     def _encode(self, pixels: torch.Tensor, instructions: list[str]) -> torch.Tensor:
         """The frames' features, in memory of their own: a compiled backbone (a CUDA graph,
@@ -109,6 +105,43 @@ class StreamingPolicy:
     @property
     def frames_in_window(self) -> int:
         return len(self._features)
+
+
+@torch.no_grad()
+def step_many(streams: list[StreamingPolicy], images: list, instructions: list[str],
+              colour_orders: list[str | None] | None = None) -> list[np.ndarray]:
+    """One step of several streams over one network: their new frames are encoded in one backbone
+    batch, each appended to its own stream's window, and each window goes through the head. A stream
+    gets the actions `step` gives it alone (fp32: within float rounding of the batch)."""
+    if not streams:
+        return []
+    first = streams[0]
+    if any(stream.policy is not first.policy for stream in streams) or len({id(s) for s in streams}) != len(streams):
+        raise ValueError("step_many takes distinct streams over one network")
+    orders = colour_orders or [None] * len(streams)
+    pixels = [stream.preprocess(image, order) for stream, image, order in zip(streams, images, orders)]
+    for stream, instruction in zip(streams, instructions):
+        if instruction != stream._instruction and stream._pixels:
+            # A new instruction changes every cached feature: re-encode the window's frames.
+            stack = torch.stack(list(stream._pixels))
+            stream._features = deque(stream._encode(stack, [instruction] * len(stack)).unbind(0),
+                                     maxlen=stream.config.window)
+    features = first._encode(torch.stack(pixels), list(instructions))
+    for stream, instruction, frame, feature in zip(streams, instructions, pixels, features.unbind(0)):
+        stream._instruction = instruction
+        stream._pixels.append(frame)
+        stream._features.append(feature)
+    # Windows of one length go through the head together.
+    actions: list[np.ndarray | None] = [None] * len(streams)
+    by_length: dict[int, list[int]] = {}
+    for index, stream in enumerate(streams):
+        by_length.setdefault(len(stream._features), []).append(index)
+    for indices in by_length.values():
+        windows = torch.stack([torch.stack(list(streams[i]._features)) for i in indices])
+        out = (first.policy.head(windows)[:, -1] * first.config.action_scale).float().cpu().numpy()
+        for row, index in enumerate(indices):
+            actions[index] = out[row]
+    return actions
 
 
 # The most an action of the compiled (CUDA-graph) step may differ from the eager step's, robot units
