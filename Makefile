@@ -4,6 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
+OPENPI_VENV ?= .venv-openpi
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export VLA_EPISODES_DIR ?= data/episodes
 export VLA_STORE ?= data/store.zarr
@@ -34,6 +35,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@# .dagster as the instance and find the code location (.dagster/shell.sh says how).
 	@sed -i '/DAGSTER_MODULE_NAME\|DAGSTER_HOME:-\$$VIRTUAL_ENV\|vla-pipeline/d' $(BIN)/activate
 	@echo '. "$$VIRTUAL_ENV/../.dagster/shell.sh"  # vla-pipeline' >> $(BIN)/activate
+	@# openpi's own client (it needs NumPy < 2, so it lives apart): tests drive `vla-pipeline serve` with it.
+	@test -x $(OPENPI_VENV)/bin/python || $(BIN)/uv venv -q --python $(PY) $(OPENPI_VENV)
+	@# (openpi-client imports typing_extensions without declaring it)
+	@$(BIN)/uv pip install -q --python $(OPENPI_VENV)/bin/python 'openpi-client==0.1.2' typing_extensions
 	@touch $@
 
 demo: install

@@ -3,6 +3,7 @@
     data ← sim        (the simulated world: scenes, renderer, operator, env)
     data ← policy ← training
     data ← sim, policy ← evaluation   (evaluation never imports training)
+    data ← policy ← serve             (the policy server and its robot-side client)
 
 `settings.py` (every VLA_* variable) and `tracking.py` (where MLflow runs go) sit beside the
 stages as their foundation: any stage may import them, and they import no stage.
@@ -22,6 +23,7 @@ ALLOWED = {  # stage -> the stages its modules may import
     "policy": {"data", "policy"},
     "training": {"data", "policy", "training"},
     "evaluation": {"data", "sim", "policy", "evaluation"},
+    "serve": {"data", "policy", "serve"},
 }
 STAGES = list(ALLOWED)
 FOUNDATION = {"vla_pipeline.settings", "vla_pipeline.tracking"}

@@ -133,7 +133,7 @@ def cmd_predict(args) -> int:
                     "episode_id": header.episode_id,
                     "frame": frame_index,
                     "instruction": instruction,
-                    "actions": [[round(float(v), 4) for v in step] for step in chunk],
+                    "actions": [[round(float(v), 6) for v in step] for step in chunk],
                     "direction": DIRECTIONS[int(direction_classes(chunk[0], policy.config.action_scale))],
                     "recorded": [round(float(v), 4) for v in header.actions[frame_index, :2]],
                     # episode_start: the recorded zero action is no key press, so evaluation skips it
@@ -254,10 +254,25 @@ def cmd_rollout(args) -> int:
     from .sim.operator import SAMPLE_WORLD
     from .sim.perturb import parse_conditions
 
-    if args.env is None:
-        args.env = _world_of_version(args.model_uri) or SAMPLE_WORLD
     problem = None
-    if args.env not in WORLDS:
+    if (args.model_uri is None) == (args.server is None):
+        problem = "give a MODEL_URI to load the policy here, or --server ws://HOST:PORT to drive through a policy server"
+    remote = None
+    if not problem and args.server is not None:
+        from .serve.client import PolicyClient, ServerError
+
+        try:  # the server names the model it serves: its world is the version's
+            remote = PolicyClient(args.server, settings().serve_api_key_value, retries=2)
+        except (ServerError, ConnectionError) as error:
+            print(f"error: --server: {error}", file=sys.stderr)
+            return 2
+        remote.close()  # each rollout opens a session of its own (fork); this one only read the metadata
+        args.model_uri = remote.metadata.get("model_uri") or args.server
+    if not problem and args.env is None:
+        args.env = _world_of_version(args.model_uri) or SAMPLE_WORLD
+    if problem:
+        pass
+    elif args.env not in WORLDS:
         problem = f"--env {args.env!r}: no such simulated world (known: {', '.join(WORLDS)})"
     elif args.episodes < 1 or args.envs < 1:
         problem = "--episodes and --envs must be at least 1"
@@ -271,6 +286,8 @@ def cmd_rollout(args) -> int:
     except ValueError as error:
         problem = f"--{'perturb' if args.perturb is not None else 'scenario'}: {error}"
     if problem:
+        if remote is not None:
+            remote.close()
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from transformers.utils import logging as transformers_logging
@@ -280,11 +297,14 @@ def cmd_rollout(args) -> int:
 
     transformers_logging.disable_progress_bar()
     try:
-        policy = load_policy(args.model_uri)
+        policy = remote or load_policy(args.model_uri)
     except ModelLookupError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    if remote is not None:
+        say(f"driving through the policy server at {remote.uri} ({remote.metadata.get('model_uri')}): "
+            "each rollout is a session of its own")
 
     def shown(driver: str, result) -> None:
         if args.json:
@@ -351,6 +371,43 @@ def _rollout_perturbed(args, policy, say, shown) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import logging
+
+
+    from .serve.server import PolicyServer, ServeConfig, ServeError, read_api_key
+
+    try:
+        config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             max_message_mb=args.max_message_mb, rate_every_s=args.rate_every_s,
+                             drain_timeout_s=args.drain_timeout_s)
+        api_key = read_api_key(settings().serve_api_key_value, args.api_key_file)
+        PolicyServer.check_host(config, api_key)
+    except (ValueError, ServeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
+                        stream=sys.stderr)
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    from transformers.utils import logging as transformers_logging
+
+    from .evaluation.registry import ModelLookupError, load_policy
+
+    transformers_logging.disable_progress_bar()
+    try:
+        policy = load_policy(args.model_uri)
+    except ModelLookupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    server = PolicyServer(policy, config, api_key, model_uri=args.model_uri, version=policy.metadata.get("version"))
+    try:
+        server.run()
+    except OSError as error:  # the port is taken, the address is not this machine's …
+        print(f"error: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -393,8 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     rollout = commands.add_parser("rollout", help="drive a policy in the simulated world, beside the model-free "
                                   "drivers (the best blind one included) in the same scenes, then with its camera "
                                   "frozen and blanked: success rate, SPL, collisions")
-    rollout.add_argument("model_uri", help="models:/<name>@<alias>, models:/<name>/<version>, a policy directory "
-                         "or a deploy bundle")
+    rollout.add_argument("model_uri", nargs="?", help="models:/<name>@<alias>, models:/<name>/<version>, a policy "
+                         "directory or a deploy bundle (or --server)")
+    rollout.add_argument("--server", metavar="ws://HOST:PORT", help="drive the policy a `vla-pipeline serve` serves, "
+                         "through the network (API key: $VLA_SERVE_API_KEY), instead of loading one")
     rollout.add_argument("--episodes", type=int, default=48, help="rollouts, spread over side × distance × boxes "
                          "(default 48)")
     rollout.add_argument("--seed", type=int, default=0, help="the plan's seed: the same seed, the same scenes (default 0)")
@@ -413,6 +472,24 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--json", action="store_true", help="one JSON object per rollout, the baselines' too (each "
                          "naming its driver), then a summary object")
     rollout.set_defaults(run=cmd_rollout)
+
+    serve = commands.add_parser("serve", help="serve a policy to robots over WebSocket (msgpack; openpi-client "
+                                "compatible): each connection a session, frames of many robots batched")
+    serve.add_argument("model_uri", help="models:/<name>@<alias>, models:/<name>/<version>, a policy directory "
+                       "or a deploy bundle")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs an "
+                       "API key)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free one)")
+    serve.add_argument("--api-key-file", type=Path, help="file whose first line is the API key (else "
+                       "$VLA_SERVE_API_KEY); robots send 'Authorization: Api-Key <key>'")
+    serve.add_argument("--max-batch", type=int, default=8, help="most robots' frames encoded in one batch (default 8)")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a frame waits for other robots' "
+                       "frames to batch with, while others are connected (default 2)")
+    serve.add_argument("--max-message-mb", type=float, default=16.0, help="largest request, MiB (default 16)")
+    serve.add_argument("--rate-every-s", type=float, default=30.0, help="seconds between rate lines (default 30)")
+    serve.add_argument("--drain-timeout-s", type=float, default=30.0, help="on SIGTERM, how long the requests in "
+                       "flight may take before it exits (default 30)")
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     cache: Path | None = Field(None, description="cache folder (batch-probe answers); unset: ~/.cache/vla_pipeline")
     tiny_backbone: Path | None = Field(None, description="where the tiny test backbone is built once")
     small_backbone: Path | None = Field(None, description="where the CPU preset's backbone is built once")
+    serve_api_key: SecretStr | None = Field(None, description="the key `vla-pipeline serve` asks robots for "
+                                                              "(Authorization: Api-Key <key>), and its clients send")
+
+    @property
+    def serve_api_key_value(self) -> str | None:
+        return self.serve_api_key.get_secret_value() if self.serve_api_key else None
 
 
 def settings() -> Settings:
