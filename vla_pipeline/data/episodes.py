@@ -70,6 +70,7 @@ class EpisodeHeader:
     content_hash: str
     warnings: list[str] = field(default_factory=list)
     simulator: str | None = None  # the simulated world that rendered it (sample episodes), None for the robot's
+    duration_s: float | None = None  # the collector's total_duration attr: the episode's own timing, where recorded
 
     def summary(self) -> dict:
         """JSON-safe description used as store attrs and asset metadata."""
@@ -88,6 +89,7 @@ class EpisodeHeader:
             "content_hash": self.content_hash,
             "warnings": list(self.warnings),
             "simulator": self.simulator,
+            "duration_s": self.duration_s,
         }
 
 
@@ -221,7 +223,17 @@ def _read_header(path: Path, h5: h5py.File, rules: ValidationRules, digest: str)
         content_hash=digest,
         warnings=warnings,
         simulator=_text_attr(h5, "simulator"),
+        duration_s=_duration_attr(h5),
     )
+
+
+def _duration_attr(h5: h5py.File) -> float | None:
+    """The collector's `total_duration` (seconds) where it is a positive finite number, else None."""
+    try:
+        value = float(np.asarray(h5.attrs.get("total_duration")).ravel()[0])
+    except (TypeError, ValueError, IndexError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
 
 
 def _text_attr(h5: h5py.File, name: str) -> str | None:
