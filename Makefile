@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 OPENPI_VENV ?= .venv-openpi
+LEROBOT_VENV ?= .venv-lerobot
+DOCTOR_VENV ?= .venv-doctor
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export VLA_EPISODES_DIR ?= data/episodes
 export VLA_STORE ?= data/store.zarr
@@ -39,6 +41,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(OPENPI_VENV)/bin/python || $(BIN)/uv venv -q --python $(PY) $(OPENPI_VENV)
 	@# (openpi-client imports typing_extensions without declaring it)
 	@$(BIN)/uv pip install -q --python $(OPENPI_VENV)/bin/python 'openpi-client==0.1.2' typing_extensions
+	@# LeRobot's own loader reads the LeRobotDataset export in tests; it lives apart: lerobot pins torch<2.11 and imports torchvision.
+	@test -x $(LEROBOT_VENV)/bin/python || $(BIN)/uv venv -q --python $(PY) $(LEROBOT_VENV)
+	@$(BIN)/uv pip install -q --python $(LEROBOT_VENV)/bin/python "$(or $(CPU_TORCH),torch==2.13.0)" \
+	  'datasets==4.8.5' 'huggingface-hub==0.35.3' 'av==15.1.0' 'accelerate==1.16.0' 'packaging==25.0' \
+	  'pandas==3.1.1' 'pillow==13.0.0'
+	@$(BIN)/uv pip install -q --python $(LEROBOT_VENV)/bin/python --no-deps 'lerobot==0.4.4'
+	@echo '$(CURDIR)/tests/lerobot_env' > "$$($(LEROBOT_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/vla_pipeline_lerobot_env.pth"
+	@# lerobot-doctor, a checker the project did not write, which tests check the export with; a tool, so it lives apart.
+	@test -x $(DOCTOR_VENV)/bin/python || $(BIN)/uv venv -q --python $(PY) $(DOCTOR_VENV)
+	@$(BIN)/uv pip install -q --python $(DOCTOR_VENV)/bin/python 'lerobot-doctor==0.2.0'
 	@touch $@
 
 demo: install

@@ -48,6 +48,20 @@ def cmd_sample_episodes(args) -> int:
 
 def cmd_ingest(args) -> int:
     folder = _episodes_dir(args.folder)
+    if args.from_lerobot:
+        from .data.lerobot import LeRobotError, import_lerobot
+
+        try:
+            converted = import_lerobot(args.from_lerobot, folder, [key.strip() for key in args.action_keys.split(",")],
+                                       args.camera, args.action_scale, progress=print)
+        except LeRobotError as error:
+            print(f"error: --from-lerobot: {error}", file=sys.stderr)
+            return 2
+        for warning in converted.warnings:
+            print(f"warning: {warning}")
+        print(f"{len(converted.files)} episodes ({converted.frames} frames) of {args.from_lerobot} written to {folder} "
+              f"as collector files (camera {converted.camera}, action {','.join(converted.action_keys)}) in "
+              f"{converted.seconds:.1f} s; ingesting them")
     try:
         episode_files(folder)  # a missing folder is said before anything starts
         _dagster_home()
@@ -66,6 +80,26 @@ def cmd_ingest(args) -> int:
     if report.failed_runs:
         print(f"error: run(s) {', '.join(report.failed_runs)} failed; open the Dagster UI for details", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_export_dataset(args) -> int:
+    from .data.lerobot import LeRobotError, export_lerobot
+
+    store = WindowStore(_store_path())
+    try:
+        report = export_lerobot(store, args.out_dir, args.episodes, args.size, progress=print)
+    except (LeRobotError, StoreError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if report.mode == "unchanged":
+        print(f"{args.out_dir}: already holds these {report.total_episodes} episodes; nothing written")
+        return 0
+    done = {"new": "written", "append": f"appended to the {report.kept} already there",
+            "rewrite": f"written anew ({report.reason})"}[report.mode]
+    print(f"{len(report.written)} episodes ({report.frames} frames) {done} in {report.seconds:.1f} s: "
+          f"{args.out_dir} is a LeRobotDataset v3.0 of {report.total_episodes} episodes, {report.total_frames} "
+          f"frames, fps {report.fps}")
     return 0
 
 
@@ -420,7 +454,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest = commands.add_parser("ingest", help="validate and store new or changed episodes, through Dagster")
     ingest.add_argument("folder", nargs="?", help="episode folder (default $VLA_EPISODES_DIR or data/episodes)")
+    ingest.add_argument("--from-lerobot", metavar="DIR_OR_REPO_ID", help="first write each episode of this "
+                        "LeRobotDataset v3 into the folder as a collector file (docs/data.md)")
+    ingest.add_argument("--action-keys", default="x.vel,y.vel", help="with --from-lerobot: the action's two axes "
+                        "of the planar base velocity, forward then left (default x.vel,y.vel)")
+    ingest.add_argument("--camera", help="with --from-lerobot: the camera's feature key (default: the only one)")
+    ingest.add_argument("--action-scale", type=float, default=1.0, help="with --from-lerobot: factor from the "
+                        "dataset's units to the robot's command units (default 1)")
     ingest.set_defaults(run=cmd_ingest)
+
+    export_dataset = commands.add_parser("export-dataset", help="write the window store's episodes as a dataset "
+                                         "of another format (LeRobotDataset v3.0)")
+    export_dataset.add_argument("out_dir", type=Path, help="the dataset folder: new, or one this command wrote "
+                                "(new episodes are appended)")
+    export_dataset.add_argument("--format", choices=["lerobot"], default="lerobot", help="lerobot: LeRobotDataset "
+                                "v3.0 (the only one)")
+    export_dataset.add_argument("--episodes", nargs="+", metavar="EPISODE_ID", help="these stored episodes "
+                                "(default: all)")
+    export_dataset.add_argument("--size", type=int, help="frames resized to SIZE×SIZE (default: as stored, 224)")
+    export_dataset.set_defaults(run=cmd_export_dataset)
 
     episodes = commands.add_parser("episodes", help="list stored, rejected and pending episodes")
     episodes.add_argument("--json", action="store_true", help="one JSON object per line")

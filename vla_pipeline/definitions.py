@@ -19,6 +19,7 @@ from assets.console import console_logger
 from assets.closed_loop import closed_loop_metrics
 from assets.robustness import robustness
 from assets.evaluation import evaluation_metrics, registered_model
+from assets.export import lerobot_dataset
 from assets.episodes import episode_partitions, episode_windows, raw_episode, register_partitions
 from assets.training import lora_adapter, train_val_split
 from resources import ComputeResource, EpisodeFolder, WindowStoreResource
@@ -29,7 +30,7 @@ from vla_pipeline.data.store import is_url
 
 defs = dg.Definitions(
     assets=[raw_episode, episode_windows, train_val_split, lora_adapter, evaluation_metrics, closed_loop_metrics,
-            robustness, registered_model],
+            robustness, registered_model, lerobot_dataset],
     jobs=[ingest_job, retrain_job],
     sensors=[new_episodes_sensor, automation_sensor],
     schedules=[retrain_schedule],
