@@ -218,3 +218,35 @@ def test_import_takes_a_rotation_axis_as_angular_z_and_scales(stored, tmp_path, 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the cache only, whatever the network
     with pytest.raises(LeRobotError, match="not a folder here"):
         import_lerobot("no-such-owner/no-such-dataset", tmp_path / "x", ["x.vel", "y.vel"])
+
+
+def test_the_lerobot_dataset_asset_exports_and_appends(stored, tmp_path):
+    """`lerobot_dataset` (group export): materialized on demand, with no automation condition, so a drop never
+    rewrites it; its metadata says what it did."""
+    import dagster as dg
+
+    from assets.export import lerobot_dataset
+    from resources import WindowStoreResource
+
+    assert lerobot_dataset.group_names_by_key[dg.AssetKey("lerobot_dataset")] == "export"
+    assert not lerobot_dataset.automation_conditions_by_key.get(dg.AssetKey("lerobot_dataset"))
+    _, store_path = stored
+    ids = WindowStore(store_path).episode_ids()
+    resources = {"window_store": WindowStoreResource(path=str(store_path))}
+
+    def run(config: dict) -> dict:
+        result = dg.materialize([lerobot_dataset], resources=resources, run_config={
+            "ops": {"lerobot_dataset": {"config": {"out_dir": str(tmp_path / "lerobot"), **config}}}})
+        assert result.success
+        return result.asset_materializations_for_node("lerobot_dataset")[0].metadata
+
+    first = run({"episodes": ids[:2]})
+    assert first["mode"].value == "new" and first["total_episodes"].value == 2
+    second = run({})
+    assert second["mode"].value == "append" and second["episodes_written"].value == 2
+    assert second["total_episodes"].value == 4
+    failed = dg.materialize([lerobot_dataset], resources=resources, raise_on_error=False, run_config={
+        "ops": {"lerobot_dataset": {"config": {"out_dir": str(tmp_path / "x"), "episodes": ["nope"]}}}})
+    assert not failed.success
+    failure = next(event for event in failed.all_events if event.is_step_failure)
+    assert "not in the store" in str(failure.step_failure_data.error.message) and not (tmp_path / "x").exists()
