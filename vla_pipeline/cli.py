@@ -288,11 +288,12 @@ def cmd_rollout(args) -> int:
     from .sim.operator import SAMPLE_WORLD
     from .sim.perturb import parse_conditions
 
-    problem = None
     if (args.model_uri is None) == (args.server is None):
-        problem = "give a MODEL_URI to load the policy here, or --server ws://HOST:PORT to drive through a policy server"
+        print("error: give a MODEL_URI to load the policy here, or --server ws://HOST:PORT to drive through a policy "
+              "server", file=sys.stderr)
+        return 2
     remote = None
-    if not problem and args.server is not None:
+    if args.server is not None:
         from .serve.client import PolicyClient, ServerError
 
         try:  # the server names the model it serves: its world is the version's
@@ -302,11 +303,10 @@ def cmd_rollout(args) -> int:
             return 2
         remote.close()  # each rollout opens a session of its own (fork); this one only read the metadata
         args.model_uri = remote.metadata.get("model_uri") or args.server
-    if not problem and args.env is None:
+    if args.env is None:
         args.env = _world_of_version(args.model_uri) or SAMPLE_WORLD
-    if problem:
-        pass
-    elif args.env not in WORLDS:
+    problem = None
+    if args.env not in WORLDS:
         problem = f"--env {args.env!r}: no such simulated world (known: {', '.join(WORLDS)})"
     elif args.episodes < 1 or args.envs < 1:
         problem = "--episodes and --envs must be at least 1"
@@ -320,8 +320,6 @@ def cmd_rollout(args) -> int:
     except ValueError as error:
         problem = f"--{'perturb' if args.perturb is not None else 'scenario'}: {error}"
     if problem:
-        if remote is not None:
-            remote.close()
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from transformers.utils import logging as transformers_logging
@@ -407,7 +405,6 @@ def _rollout_perturbed(args, policy, say, shown) -> int:
 
 def cmd_serve(args) -> int:
     import logging
-
 
     from .serve.server import PolicyServer, ServeConfig, ServeError, read_api_key
 
