@@ -34,7 +34,6 @@ episode as a collector file (the `observations/images` layout: RGB frames, `acti
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -150,7 +149,8 @@ def _write_video(path: Path, episodes: list[np.ndarray], times: list[np.ndarray]
         stream.time_base = stream.codec_context.time_base = base
         for frames, stamps in zip(episodes, times):
             stamps_ms = np.round(stamps * 1000).astype(np.int64)
-            last_ms = int(stamps_ms[-1]) + (int(stamps_ms[-1] - stamps_ms[-2]) if len(stamps_ms) > 1 else 400)
+            last_ms = int(stamps_ms[-1]) + (int(stamps_ms[-1] - stamps_ms[-2]) if len(stamps_ms) > 1
+                                            else round(NOMINAL_PRESS_S * 1000))
             for frame, stamp in zip(frames, stamps_ms):
                 picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
                 picture.pts, picture.time_base = offset_ms + int(stamp), base
@@ -214,12 +214,13 @@ def _episode_row(record: dict, index: int, first: int, file_index: int, span, st
     return row
 
 
-def _plan(store: WindowStore, out_dir: Path, episode_ids: list[str]) -> tuple[str, list[dict], str]:
-    """('new' | 'append' | 'unchanged' | 'rewrite', the dataset's episode rows to keep, why a rewrite)."""
+def _plan(store: WindowStore, out_dir: Path, episode_ids: list[str]) -> tuple[str, list[dict], str, dict]:
+    """('new' | 'append' | 'unchanged' | 'rewrite', the dataset's episode rows to keep, why a rewrite, the dataset's
+    info.json as it is: empty for a new one)."""
     if not (out_dir / "meta" / "info.json").is_file():
         if out_dir.exists() and any(out_dir.iterdir()):
             raise LeRobotError(f"{out_dir} exists and is not a LeRobot dataset: choose an empty or new folder")
-        return "new", [], ""
+        return "new", [], "", {}
     try:
         info = json.loads((out_dir / "meta" / "info.json").read_text())
         rows = _read_episodes(out_dir)
@@ -229,14 +230,14 @@ def _plan(store: WindowStore, out_dir: Path, episode_ids: list[str]) -> tuple[st
         raise LeRobotError(f"{out_dir} is a dataset this project did not write: choose an empty or new folder")
     wanted = set(episode_ids)
     for row in rows:
-        attrs = store.episode_attrs(row["vla/episode_id"])
         if row["vla/episode_id"] not in wanted:
-            return "rewrite", [], f"episode {row['vla/episode_id']} is no longer among those exported"
+            return "rewrite", [], f"episode {row['vla/episode_id']} is no longer among those exported", info
+        attrs = store.episode_attrs(row["vla/episode_id"])
         if attrs is None or attrs.get("content_hash") != row["vla/content_hash"]:
-            return "rewrite", [], f"episode {row['vla/episode_id']} changed since it was exported"
+            return "rewrite", [], f"episode {row['vla/episode_id']} changed since it was exported", info
     if {row["vla/episode_id"] for row in rows} == wanted:
-        return "unchanged", rows, ""
-    return "append", rows, ""
+        return "unchanged", rows, "", info
+    return "append", rows, "", info
 
 
 def export_lerobot(store: WindowStore, out_dir: Path | str, episode_ids: list[str] | None = None,
@@ -258,14 +259,11 @@ def export_lerobot(store: WindowStore, out_dir: Path | str, episode_ids: list[st
         raise LeRobotError(f"no episodes to export: the store {store.path} holds none")
     if size is not None and not 16 <= size <= 4096:
         raise LeRobotError(f"size must be within 16–4096 pixels, not {size}")
-    mode, kept_rows, reason = _plan(store, out_dir, episode_ids)
-    if kept_rows:
-        info = json.loads((out_dir / "meta" / "info.json").read_text())
-        if size is not None and info["features"][VIDEO_KEY]["shape"][0] != size:
-            mode, kept_rows, reason = "rewrite", [], f"the frame size changes to {size}"
+    mode, kept_rows, reason, info = _plan(store, out_dir, episode_ids)
+    if kept_rows and size is not None and info["features"][VIDEO_KEY]["shape"][0] != size:
+        mode, kept_rows, reason = "rewrite", [], f"the frame size changes to {size}"
     report = ExportReport(out_dir, mode, reason=reason, kept=len(kept_rows))
     if mode == "unchanged":
-        info = json.loads((out_dir / "meta" / "info.json").read_text())
         report.total_episodes, report.total_frames, report.fps = info["total_episodes"], info["total_frames"], info["fps"]
         report.seconds = time.perf_counter() - started
         return report
