@@ -45,7 +45,7 @@ from vla_pipeline.policy.model import build_policy
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.policy.serving import StreamingPolicy
 
-from ingest import OUT  # benchmarks/ingest.py, beside this script
+from ingest import OUT, finish  # benchmarks/ingest.py, beside this script
 from train_throughput import INSTRUCTION, measured, random_full_policy
 
 TOLERANCE = {"tiny": 1e-4}
@@ -225,13 +225,7 @@ def main() -> int:
     failed += [f"{row['case']}: streaming actions differ ({row['max_abs_diff']:.2e})"
                for row in rows + merged if not row["match"]]
     print(f"wall time {time.perf_counter() - started:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows + merged, indent=1))
-        print(f"figures written to {args.json}")
-    for failure in failed:
-        print(f"ERROR {failure}", file=sys.stderr)
-    return 1 if failed else 0
+    return finish(args.json, rows + merged, failed)
 
 
 if __name__ == "__main__":

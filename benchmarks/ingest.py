@@ -185,6 +185,17 @@ def measure(works: dict, repeat: int, quiet_wait: float) -> dict[str, tuple[int,
     return {name: min(results, key=lambda run: run[1]) for name, results in runs.items()}
 
 
+
+def finish(json_path: Path | None, figures, failed: list[str] = ()) -> int:
+    """A benchmark's end: its figures written to `json_path` (where given), each failure on stderr; the exit code."""
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(figures, indent=1))
+        print(f"figures written to {json_path}")
+    for failure in failed:
+        print(f"ERROR {failure}", file=sys.stderr)
+    return 1 if failed else 0
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=Path, help="folder of *.h5 episodes (default: generated samples)")
@@ -241,12 +252,8 @@ def main() -> int:
         print("(busy): other processes used CPU during that measurement; rerun on a quiet machine")
     if len({row["frames"] for row in rows}) > 1:
         print("warning: frame counts differ between measurements, so the ratios compare unlike work")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"cores": os.cpu_count(), "folder": str(folder), "files": len(files),
-                                         "accepted_files": len(paths), "repeat": args.repeat, "rows": rows}, indent=1))
-        print(f"figures written to {args.json}")
-    return 0
+    return finish(args.json, {"cores": os.cpu_count(), "folder": str(folder), "files": len(files),
+                              "accepted_files": len(paths), "repeat": args.repeat, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import multiprocessing
 import os
 import re
@@ -53,7 +52,7 @@ from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.policy.serving import StreamingPolicy, step_many
 from vla_pipeline.serve.client import PolicyClient
 
-from ingest import OUT  # benchmarks/ingest.py, beside this script
+from ingest import OUT, finish  # benchmarks/ingest.py, beside this script
 from train_throughput import INSTRUCTION, measured, random_full_policy
 
 CLI = Path(sys.executable).parent / "vla-pipeline"
@@ -340,13 +339,7 @@ def main() -> int:
     if any(row["latency"]["busy"] or row["sequential"]["busy"] or any(r["busy"] for r in row["robots"]) for row in rows):
         print("(busy): other processes used the CPU during that measurement; rerun on a quiet machine")
     print(f"wall time {time.perf_counter() - started:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
-        print(f"figures written to {args.json}")
-    for failure in failed:
-        print(f"ERROR {failure}", file=sys.stderr)
-    return 1 if failed else 0
+    return finish(args.json, rows, failed)
 
 
 if __name__ == "__main__":

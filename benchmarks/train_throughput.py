@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import multiprocessing
 import os
 import re
@@ -43,7 +42,7 @@ from vla_pipeline.training.train import train
 from vla_pipeline.training.train_config import TrainConfig
 from vla_pipeline.training.windows import HDF5WindowDataset, WindowDataset, make_loader
 
-from ingest import OUT, competitors, sample_folder, snapshot, wait_for_quiet  # benchmarks/ingest.py, beside this script
+from ingest import OUT, competitors, finish, sample_folder, snapshot, wait_for_quiet  # benchmarks/ingest.py, beside this script
 
 INSTRUCTION = INSTRUCTION_TEMPLATE.format(side="left", target="cup")
 
@@ -260,11 +259,7 @@ def main() -> int:
             figures["rows"] = bench_loader(store, ids, paths, args) + bench_tiny(store, ids, args)
             figures["setting"] = args.setting
     print_table(figures)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1))
-        print(f"figures written to {args.json}")
-    return 0
+    return finish(args.json, figures)
 
 
 if __name__ == "__main__":
