@@ -81,6 +81,19 @@ def _start(small_store, out: Path, config: dict, processes: int, no_pickle: bool
                             env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}, start_new_session=True)
 
 
+def _still_running(out: Path) -> list[int]:
+    """The live (not zombie) processes whose command line names `out` (the spec or the payload)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if str(out) in (proc / "cmdline").read_bytes().decode(errors="replace") and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("processes", [1, 2])
 def test_resumes_after_kill(small_store, tmp_path, processes):
@@ -93,8 +106,14 @@ def test_resumes_after_kill(small_store, tmp_path, processes):
     deadline = time.monotonic() + 240
     while not state_file.is_file() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(first.pid, signal.SIGKILL)  # a crash, not a clean stop: torchrun and its workers too
+    # A crash, not a clean stop. torchrun puts its workers in sessions of their own: only the
+    # launcher is killed here, and its workers must die with it rather than train on.
+    os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    deadline = time.monotonic() + 60
+    while _still_running(out) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _still_running(out), "training processes outlived their killed launcher"
     assert state_file.is_file(), first.stdout.read()
     killed_at = json.loads(state_file.read_text())["progress"]["step"]
     if (out / "policy").exists():  # what a kill left visible is whole

@@ -8,15 +8,19 @@ main-process writes behind barriers); this module is the entry point torchrun st
 process. Launched by Dagster (`lora_adapter`, through `dg.PipesSubprocessClient`), the main
 process reports its log lines and, at the end, its TrainResult through dagster-pipes; started by
 hand, every process prints. A process that fails writes its reason beside the training
-(`failed-rank<N>.txt`), where the launcher finds it.
+(`failed-rank<N>.txt`), where the launcher finds it. torchrun starts each process in a session of
+its own, so a launcher killed outright (SIGKILL, the OOM killer) would leave them training on,
+racing the run that retries: each process asks the kernel to kill it when its launcher dies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
+import signal
 import sys
 import traceback
 from dataclasses import asdict
@@ -77,8 +81,25 @@ def _report(result) -> dict:
             for key, value in {**asdict(result), "output_dir": str(result.output_dir)}.items()}
 
 
+def die_with_launcher() -> None:
+    """Be killed (SIGKILL) when the process that started this one dies; Linux only.
+
+    If the launcher died before the request took effect, this process has already been handed
+    to another parent: it exits at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != launcher:
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """One process's training (started by torchrun)."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        die_with_launcher()
     from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 
     from ..policy.policy_config import PolicyConfig
