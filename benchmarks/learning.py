@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/learning.py [--episodes 40] [--seed 0] [--other 12] [--other-seed 1234]
                                             [--policy key=value ...] [--train key=value ...] [--json PATH]
                                             [--closed-loop 48] [--closed-loop-seed 11] [--robustness 24]
+                                            [--vision key=value ...]
 
 Writes N sample episodes (seed --seed) and 12 of another seed, ingests both with the store's
 default rules, splits the first set as `train_val_split` does (val_fraction 0.2) and trains
@@ -19,13 +20,15 @@ success over plan(--robustness, --closed-loop-seed) as trained and under every c
 `sim.perturb.CONDITIONS` (`--robustness 0` skips the closed-loop part). --policy/--train override
 preset fields (e.g. `--policy action_head=regression side_loss_weight=0`, `--train brightness=0
 contrast=0 saturation=0 hue=0 crop_scale=1 blur_prob=0 paraphrase_prob=0` for no augmentation
-but the mirror) to measure what a choice buys. Always exits 0.
+but the mirror) to measure what a choice buys; --vision overrides the small backbone's vision tower
+(e.g. `--vision image_size=224`). Always exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -39,6 +42,7 @@ from vla_pipeline.data.store import WindowStore
 from vla_pipeline.evaluation.evaluate import evaluate
 from vla_pipeline.evaluation.replay import ScriptedReplay
 from vla_pipeline.evaluation.robustness import IMAGE_PERTURBATIONS, offline_robustness, robustness_rollouts
+from vla_pipeline.policy.backbone import LOCAL_BACKBONES
 from vla_pipeline.policy.serving import StreamingPolicy
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.sim.operator import SAMPLE_WORLD, write_sample_episodes
@@ -100,7 +104,12 @@ def drive(policy, episodes: int, seed: int) -> dict:
     print(f"\nclosed loop in {SAMPLE_WORLD}, plan({episodes}, {seed}): success "
           + ", ".join(f"{name} {rate:.3f}" for name, rate in rates.items()))
     print("policy outcomes: " + ", ".join(f"{outcome} {count}" for outcome, count in outcomes.most_common()))
-    return {"success": rates, "outcomes": dict(outcomes), "spl": summary["policy"]["spl"]}
+    # Why a stop was not an arrival (sim.varied.arrival): the distance, or the target off to one side.
+    misses = Counter("too near or too far" if " m from the target" in (result.reason or "") else "target off to one side"
+                     for result in report.policy if result.outcome == "stopped_away")
+    if misses:
+        print("stopped away: " + ", ".join(f"{why} {count}" for why, count in misses.most_common()))
+    return {"success": rates, "outcomes": dict(outcomes), "stopped_away": dict(misses), "spl": summary["policy"]["spl"]}
 
 
 def main() -> int:
@@ -111,6 +120,8 @@ def main() -> int:
     parser.add_argument("--other-seed", type=int, default=1234, help="their seed (default 1234)")
     parser.add_argument("--policy", nargs="*", default=[], help="PolicyConfig.cpu() overrides, key=value")
     parser.add_argument("--train", nargs="*", default=[], help="TrainConfig.cpu() overrides, key=value")
+    parser.add_argument("--vision", nargs="*", default=[], help="the CPU preset backbone's vision-tower overrides, "
+                        "key=value (e.g. image_size=224: no area-averaging of the 224×224 frames to 112×112)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--closed-loop", type=int, default=48, help="closed-loop rollouts of the kept policy "
                         "(default 48; 0: none)")
@@ -119,6 +130,11 @@ def main() -> int:
                         "(default 24; 0: none)")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.vision:  # another small backbone, built once in a folder of its own
+        vision = overrides(args.vision)
+        LOCAL_BACKBONES["small"]["vision"].update(vision)
+        os.environ["VLA_SMALL_BACKBONE"] = str(Path(tempfile.gettempdir()) / (
+            "vla_pipeline-kosmos2-small-" + "-".join(f"{key}{value}" for key, value in sorted(vision.items()))))
 
     workdir = Path(tempfile.mkdtemp(prefix="vla-learning-"))
     OUT.mkdir(parents=True, exist_ok=True)
