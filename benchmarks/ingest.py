@@ -185,7 +185,6 @@ def measure(works: dict, repeat: int, quiet_wait: float) -> dict[str, tuple[int,
     return {name: min(results, key=lambda run: run[1]) for name, results in runs.items()}
 
 
-
 def finish(json_path: Path | None, figures, failed: list[str] = ()) -> int:
     """A benchmark's end: its figures written to `json_path` (where given), each failure on stderr; the exit code."""
     if json_path:
@@ -195,6 +194,7 @@ def finish(json_path: Path | None, figures, failed: list[str] = ()) -> int:
     for failure in failed:
         print(f"ERROR {failure}", file=sys.stderr)
     return 1 if failed else 0
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
