@@ -67,16 +67,19 @@ def test_a_second_writer_waits_for_the_first_and_says_so(tmp_path):
     ids = [p.stem for p in small_episodes(folder, 2)]
     env = cli_env(dagster_home(tmp_path), folder, store_path)
     store = WindowStore(store_path).create(224)
-    with store.writer_lock():
-        process = subprocess.Popen([VLA, "ingest"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not store.episode_ids():
-            time.sleep(0.5)
-            if process.poll() is not None:
-                break
+    log = tmp_path / "ingest.log"
+    with store.writer_lock(), log.open("w") as sink:
+        process = subprocess.Popen([VLA, "ingest"], env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT,
+                                   text=True)
+        # Held until it says it waits (or gives up), then a little longer: it must not write meanwhile.
+        deadline = time.monotonic() + 240
+        while (time.monotonic() < deadline and process.poll() is None and not store.episode_ids()
+               and "waiting for pid" not in log.read_text()):
+            time.sleep(0.2)
+        time.sleep(2)
         assert process.poll() is None and not store.episode_ids(), "it wrote while the store was locked"
-    output = process.communicate(timeout=300)[0]
+    process.wait(timeout=300)
+    output = log.read_text()
     assert process.returncode == 0, output
     assert f"waiting for pid {os.getpid()}" in output and f"to finish writing into {store_path}" in output, output
     assert f"done waiting: writing into {store_path} now" in output, output
