@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/learning.py [--episodes 40] [--seed 0] [--other 12] [--other-seed 1234]
                                             [--policy key=value ...] [--train key=value ...] [--json PATH]
                                             [--closed-loop 48] [--closed-loop-seed 11] [--robustness 24]
-                                            [--vision key=value ...]
+                                            [--vision key=value ...] [--every-epoch 24 7 11 ...]
 
 Writes N sample episodes (seed --seed) and 12 of another seed, ingests both with the store's
 default rules, splits the first set as `train_val_split` does (val_fraction 0.2) and trains
@@ -21,7 +21,10 @@ success over plan(--robustness, --closed-loop-seed) as trained and under every c
 preset fields (e.g. `--policy action_head=regression side_loss_weight=0`, `--train brightness=0
 contrast=0 saturation=0 hue=0 crop_scale=1 blur_prob=0 paraphrase_prob=0` for no augmentation
 but the mirror) to measure what a choice buys; --vision overrides the small backbone's vision tower
-(e.g. `--vision image_size=224`). Always exits 0.
+(e.g. `--vision image_size=224`). `--every-epoch N SEED [SEED ...]` also drives the policy
+after every epoch over plan(N, SEED) for each seed (the policy alone: no baselines, no ablations),
+to see whether the epoch that drives best on one seed's scenes drives best on another's. Always
+exits 0.
 """
 
 from __future__ import annotations
@@ -128,7 +131,11 @@ def main() -> int:
     parser.add_argument("--closed-loop-seed", type=int, default=11, help="their plan's seed (default 11)")
     parser.add_argument("--robustness", type=int, default=24, help="closed-loop rollouts per robustness condition "
                         "(default 24; 0: none)")
+    parser.add_argument("--every-epoch", nargs="+", type=int, default=[], metavar="N SEED",
+                        help="after every epoch, drive the policy alone over plan(N, SEED) for each SEED")
     args = parser.parse_args()
+    if len(args.every_epoch) == 1:
+        parser.error("--every-epoch: give the rollout count, then at least one plan seed")
     torch.set_num_threads(2)
     if args.vision:  # another small backbone, built once in a folder of its own
         vision = overrides(args.vision)
@@ -156,15 +163,32 @@ def main() -> int:
                                       sight_ablations=False).metrics),
                "other": scores(evaluate(policy, other_store, other_ids, mean, replay=replay,
                                         sight_ablations=False).metrics)}
+        if args.every_epoch:
+            from vla_pipeline.evaluation.closed_loop import closed_loop
+            from vla_pipeline.sim.rollout import summarise
+
+            count, *seeds = args.every_epoch
+            was_training = policy.training
+            row["driven"] = {seed: summarise(closed_loop(
+                StreamingPolicy(policy), count, seed, envs=2, env_id=SAMPLE_WORLD, baselines=False,
+                ablations=False, log=lambda line: None).policy)["success_rate"] for seed in seeds}
+            policy.train(was_training)
         curve.append(row)
         print(f"epoch {row['epoch']:>2} ({row['seconds']:5.0f} s): val accuracy {row['val']['accuracy']:.3f}, "
               f"other-seed accuracy {row['other']['accuracy']:.3f}, flip {row['val']['flip']:.2f} / "
-              f"{row['other']['flip']:.2f}", flush=True)
+              f"{row['other']['flip']:.2f}" + "".join(f", plan({args.every_epoch[0]}, {seed}) {rate:.3f}"
+                                                     for seed, rate in row.get("driven", {}).items()), flush=True)
 
     started = time.perf_counter()
     result = train(policy_config, train_config, train_store, split.train, split.val, workdir / "run",
                    log=lambda line: None, on_epoch=score_epoch)
     scoring = len(curve)  # per-epoch scoring is included in the wall time below
+    if args.every_epoch:  # the epoch each plan would choose, and how it drives the other plans' scenes
+        count, *seeds = args.every_epoch
+        for seed in seeds:
+            chosen = max(curve, key=lambda row: row["driven"][seed])  # the earliest of the best
+            print(f"chosen by plan({count}, {seed}): epoch {chosen['epoch']} "
+                  + ", ".join(f"plan({count}, {other}) {chosen['driven'][other]:.3f}" for other in seeds))
     from vla_pipeline.policy.model import load_policy_dir
 
     final = load_policy_dir(workdir / "run" / "policy")
