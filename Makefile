@@ -69,12 +69,8 @@ demo: install
 	@echo "--- demo done in $$(( $$(date +%s) - $(DEMO_START) )) s: episodes in $(VLA_EPISODES_DIR), store $(VLA_STORE)," \
 	  "models in $(VLA_MODELS), runs in $(DAGSTER_HOME) (make ui), MLflow in mlruns/"
 
-# Two test processes (pytest-xdist), one per core: most tests wait on processes they start.
-# A file's tests stay in one process, so a module's fixture (a trained policy) is built once.
-TEST_WORKERS ?= 2
-
 test: install
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q
 
 bench: install
 	$(PY) benchmarks/ingest.py

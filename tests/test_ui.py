@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 ASSETS = ["raw_episode", "episode_windows", "train_val_split", "lora_adapter", "evaluation_metrics", "closed_loop_metrics",
           "robustness", "registered_model"]
 SERVE_TIMEOUT_S = 300  # `make ui` must answer with the code location loaded within this (12–17 s idle;
-# beside the other test process of `make test` on 2 cores, more than 90 s was seen)
+# beside a second test process on 2 cores, more than 90 s was seen)
 RUN_TIMEOUT_S = 180
 UI_TIMEOUT_MS = 30_000
 
