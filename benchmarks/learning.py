@@ -136,6 +136,7 @@ def main() -> int:
     args = parser.parse_args()
     if len(args.every_epoch) == 1:
         parser.error("--every-epoch: give the rollout count, then at least one plan seed")
+    count, *seeds = args.every_epoch or [0]
     torch.set_num_threads(2)
     if args.vision:  # another small backbone, built once in a folder of its own
         vision = overrides(args.vision)
@@ -167,7 +168,6 @@ def main() -> int:
             from vla_pipeline.evaluation.closed_loop import closed_loop
             from vla_pipeline.sim.rollout import summarise
 
-            count, *seeds = args.every_epoch
             was_training = policy.training
             row["driven"] = {seed: summarise(closed_loop(
                 StreamingPolicy(policy), count, seed, envs=2, env_id=SAMPLE_WORLD, baselines=False,
@@ -176,7 +176,7 @@ def main() -> int:
         curve.append(row)
         print(f"epoch {row['epoch']:>2} ({row['seconds']:5.0f} s): val accuracy {row['val']['accuracy']:.3f}, "
               f"other-seed accuracy {row['other']['accuracy']:.3f}, flip {row['val']['flip']:.2f} / "
-              f"{row['other']['flip']:.2f}" + "".join(f", plan({args.every_epoch[0]}, {seed}) {rate:.3f}"
+              f"{row['other']['flip']:.2f}" + "".join(f", plan({count}, {seed}) {rate:.3f}"
                                                      for seed, rate in row.get("driven", {}).items()), flush=True)
 
     started = time.perf_counter()
@@ -184,7 +184,6 @@ def main() -> int:
                    log=lambda line: None, on_epoch=score_epoch)
     scoring = len(curve)  # per-epoch scoring is included in the wall time below
     if args.every_epoch:  # the epoch each plan would choose, and how it drives the other plans' scenes
-        count, *seeds = args.every_epoch
         for seed in seeds:
             chosen = max(curve, key=lambda row: row["driven"][seed])  # the earliest of the best
             print(f"chosen by plan({count}, {seed}): epoch {chosen['epoch']} "
