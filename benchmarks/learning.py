@@ -4,6 +4,7 @@
                                             [--policy key=value ...] [--train key=value ...] [--json PATH]
                                             [--closed-loop 48] [--closed-loop-seed 11] [--robustness 24]
                                             [--vision key=value ...] [--every-epoch 24 7 11 ...]
+                                            [--score-every K]
 
 Writes N sample episodes (seed --seed) and 12 of another seed, ingests both with the store's
 default rules, splits the first set as `train_val_split` does (val_fraction 0.2) and trains
@@ -23,8 +24,8 @@ contrast=0 saturation=0 hue=0 crop_scale=1 blur_prob=0 paraphrase_prob=0` for no
 but the mirror) to measure what a choice buys; --vision overrides the small backbone's vision tower
 (e.g. `--vision image_size=224`). `--every-epoch N SEED [SEED ...]` also drives the policy
 after every epoch over plan(N, SEED) for each seed (the policy alone: no baselines, no ablations),
-to see whether the epoch that drives best on one seed's scenes drives best on another's. Always
-exits 0.
+to see whether the epoch that drives best on one seed's scenes drives best on another's;
+`--score-every K` scores (and drives) after every K-th epoch and the last only. Always exits 0.
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def main() -> int:
     parser.add_argument("--closed-loop-seed", type=int, default=11, help="their plan's seed (default 11)")
     parser.add_argument("--robustness", type=int, default=24, help="closed-loop rollouts per robustness condition "
                         "(default 24; 0: none)")
+    parser.add_argument("--score-every", type=int, default=1, metavar="K",
+                        help="score (and drive, with --every-epoch) after every K-th epoch and the last only (default 1)")
     parser.add_argument("--every-epoch", nargs="+", type=int, default=[], metavar="N SEED",
                         help="after every epoch, drive the policy alone over plan(N, SEED) for each SEED")
     args = parser.parse_args()
@@ -159,6 +162,8 @@ def main() -> int:
     curve = []
 
     def score_epoch(record: dict, policy) -> None:
+        if record["epoch"] % args.score_every and record["epoch"] != train_config.epochs:
+            return
         row = {"epoch": record["epoch"], "seconds": time.perf_counter() - started,
                "val": scores(evaluate(policy, train_store, split.val, mean, replay=replay,
                                       sight_ablations=False).metrics),

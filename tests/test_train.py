@@ -151,3 +151,73 @@ def test_steady_state_rate_and_auto_batch_on_the_cpu(small_store, tmp_path):
     assert result.steady_windows_per_s > 0 and result.peak_memory_gib != result.peak_memory_gib  # NaN off CUDA
     recorded = json.loads((tmp_path / "training.json").read_text())
     assert recorded["batch"] == [2, 2] and recorded["steady_windows_per_s"] > 0
+
+
+# ---------------------------------------------------------------- batching "episodes"
+
+
+@pytest.fixture(scope="module")
+def uneven_store(tmp_path_factory):
+    """(store, ids): three episodes of 18, 20 and 24 frames, so a batch of them is padded."""
+    from conftest import write_episode_file
+
+    from vla_pipeline.data.ingest import ingest_episodes
+
+    folder = tmp_path_factory.mktemp("uneven")
+    paths = [write_episode_file(folder / f"episode_2025061{i}_101502_1box_hori_{side}_core_far.h5",
+                                frames=frames, height=48, width=64, seed=10 + i)
+             for i, (frames, side) in enumerate([(18, "left"), (20, "right"), (24, "left")])]
+    store = tmp_path_factory.mktemp("store") / "store.zarr"
+    ingest_episodes(paths, store)
+    return store, [p.stem for p in paths]
+
+
+@pytest.mark.parametrize("head", ["regression", "classification"])
+def test_an_episode_batch_is_its_windows_each_frame_targeted_once_as_when_driving(uneven_store, head):
+    """The loss of whole episodes equals the loss of all their windows where window s > 0 targets
+    only its last frame and window 0 all of its frames: the same frames, each seen with the
+    history the policy has when driving, in one backbone pass per frame instead of one per window."""
+    import torch
+
+    from vla_pipeline.policy.model import build_policy
+    from vla_pipeline.training.windows import EpisodeDataset, WindowDataset, collate_episodes, collate_windows
+
+    store, ids = uneven_store
+    config = PolicyConfig.tiny(window=3, chunk=2, action_head=head, stop_loss_weight=6.0, side_loss_weight=0.5)
+    policy = build_policy(config).eval()
+    episodes = EpisodeDataset(store, ids, config.window, config.chunk, config.action_scale)
+    assert len(episodes) == 3
+    whole = collate_episodes([episodes[i] for i in range(len(episodes))])
+    assert whole["images"].shape[:2] == (3, 24) and whole["lengths"].tolist() == [18, 20, 24]
+    assert not whole["action_mask"][0, 18:].any() and not whole["action_mask"][1, 20:].any()  # padding
+
+    windows = WindowDataset(store, ids, config.window, config.chunk, config.action_scale)
+    items = [windows[i] for i in range(len(windows))]
+    for item in items:
+        if item["start"] > 0:
+            item["action_mask"][: config.window - 1] = False
+    cut = collate_windows(items)
+
+    def loss(batch):
+        with torch.no_grad():
+            return policy({"images": batch["images"], "instructions": list(batch["instruction"]),
+                           "actions": batch["actions"], "action_mask": batch["action_mask"],
+                           "lengths": batch.get("lengths")})
+
+    (episode_loss, episode_info), (window_loss, window_info) = loss(whole), loss(cut)
+    assert episode_info["valid_steps"] == window_info["valid_steps"]  # the same targets (stops weighted ×6)
+    assert float(episode_loss) == pytest.approx(float(window_loss), rel=1e-5)
+    assert int(whole["action_mask"].sum()) == int(cut["action_mask"].sum())
+
+
+def test_training_on_whole_episodes(small_store, tmp_path):
+    store, train_ids, val_ids = small_store
+    lines = []
+    result = train(PolicyConfig.tiny(side_loss_weight=0.5), TrainConfig(epochs=2, batch_size=2, grad_accum=1,
+                                                                       log_every=1, batching="episodes"),
+                   store, train_ids, val_ids, tmp_path, log=lines.append)
+    assert result.steps == 2 * 2  # 3 episodes in batches of 2, twice
+    assert result.best_val_loss < 10 and all(r["train_loss"] > 0 for r in result.history)
+    # windows/s counts the windows of the episodes: 3 × (20 - 3 + 1) per epoch, as the windows batching has
+    assert any(line.startswith("step ") and "windows/s" in line for line in lines)
+    assert (tmp_path / "policy" / "policy_config.json").is_file()

@@ -238,14 +238,67 @@ class MobileVLAPolicy(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """(loss, info): Huber loss (regression head) or cross-entropy over the classes -1, 0, +1
-        (classification head) over every frame × valid chunk step (shapes: module docstring)."""
+        (classification head) over every frame × valid chunk step (shapes: module docstring).
+
+        A batch of whole episodes (`lengths` (B,) given; images (B, T, ...), actions (B, T, chunk, 2),
+        action_mask (B, T, chunk), padded past each length) is trained as its windows: each frame
+        encoded once, the windows cut from the frames' features, and each frame a target once,
+        with the history it has when driving (the frames before it, at most window - 1)."""
+        if batch.get("lengths") is not None:
+            return self._episode_forward(batch)
         features = self.encode_frames(batch["images"], batch["instructions"])
+        sides = batch.get("sides")
+        side_loss = self._side_loss(features, sides) if sides is not None else None
+        return self._action_loss(features, batch["actions"], batch.get("action_mask"), side_loss)
+
+    def _episode_forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        images = torch.as_tensor(batch["images"])
+        lengths = torch.as_tensor(batch["lengths"]).to(images.device)
+        episodes, longest = images.shape[:2]
+        valid = torch.arange(longest, device=images.device) < lengths[:, None]  # (B, T) recorded frames
+        pixels = normalise_images(images[valid]) if images.dtype == torch.uint8 else images[valid]
+        per_frame = [text for text, n in zip(batch["instructions"], lengths.tolist()) for _ in range(n)]
+        encoded = self.encode_images(pixels, per_frame)
+        W = self.config.window
+        span = max(longest, W)  # an episode shorter than the window: padding frames never targeted
+        features = encoded.new_zeros(episodes, span, encoded.shape[-1])
+        features[:, :longest][valid.to(encoded.device)] = encoded
+
+        def windows(x: torch.Tensor) -> torch.Tensor:  # (B, span, ...) -> (B × (span - W + 1), W, ...)
+            x = torch.as_tensor(x, device=encoded.device)
+            x = torch.cat([x, x.new_zeros((episodes, span - longest, *x.shape[2:]))], 1) if span > longest else x
+            return x.unfold(1, W, 1).movedim(-1, 2).flatten(0, 1)
+
+        mask = windows(batch["action_mask"]).clone()  # (N, W, chunk)
+        # Window s > 0 targets its last frame only; window 0 also its first W - 1 frames (their
+        # whole history): every frame once, seen as when driving.
+        first = (torch.arange(len(mask), device=mask.device) % (span - W + 1)) == 0
+        mask[~first, : W - 1] = False
+        sides = batch.get("sides")
+        side_loss = self._side_loss(features[:, :longest], sides, valid) if sides is not None else None
+        return self._action_loss(windows(features), windows(batch["actions"]), mask, side_loss)
+
+    def _side_loss(self, features: torch.Tensor, sides: list, valid: torch.Tensor | None = None):
+        """The side probe's BCE over the frames (B, W) of the windows whose side is known, or None."""
+        if self.head.side_probe is None:
+            return None
+        # Side supervision: every frame's feature must tell "left" from "right" (the mirrored
+        # side for mirrored windows), so the instruction reaches the action token early on.
+        known = torch.tensor([side in ("left", "right") for side in sides], device=features.device)
+        if not known.any():
+            return None
+        labels = torch.tensor([float(side == "left") for side in sides], device=features.device)
+        logits = self.head.side_probe(features.float()).squeeze(-1)  # (B, W)
+        targets = labels[:, None].expand_as(logits)
+        keep = known[:, None].expand_as(logits) if valid is None else known[:, None] & valid.to(features.device)
+        return F.binary_cross_entropy_with_logits(logits[keep], targets[keep])
+
+    def _action_loss(self, features: torch.Tensor, actions, mask, side_loss) -> tuple[torch.Tensor, dict]:
         raw = self.head.raw(features)
         pred = self.head.decode(raw)
-        target = torch.as_tensor(batch["actions"], device=pred.device, dtype=pred.dtype)
+        target = torch.as_tensor(actions, device=pred.device, dtype=pred.dtype)
         if target.shape != pred.shape:
             raise ValueError(f"actions must be {tuple(pred.shape)} (B, W, chunk, dims), got {tuple(target.shape)}")
-        mask = batch.get("action_mask")
         mask = torch.ones(pred.shape[:-1], dtype=torch.bool, device=pred.device) if mask is None else mask
         weight = torch.as_tensor(mask, device=pred.device).to(pred.dtype)
         if self.config.stop_loss_weight != 1.0:  # a recorded stop: both components (near) zero
@@ -262,19 +315,10 @@ class MobileVLAPolicy(nn.Module):
         with torch.no_grad():
             mae = ((pred - target).abs() * weight).sum() / denom * self.config.action_scale
         info = {"loss": float(loss.detach()), "mae_robot_units": float(mae), "valid_steps": int(weight[..., 0].sum())}
-        sides = batch.get("sides")
-        if self.head.side_probe is not None and sides is not None:
-            # Side supervision: every frame's feature must tell "left" from "right" (the mirrored
-            # side for mirrored windows), so the instruction reaches the action token early on.
-            known = torch.tensor([side in ("left", "right") for side in sides], device=pred.device)
-            if known.any():
-                labels = torch.tensor([float(side == "left") for side in sides], device=pred.device)
-                logits = self.head.side_probe(features.float()).squeeze(-1)  # (B, W)
-                side_loss = F.binary_cross_entropy_with_logits(
-                    logits[known], labels[known, None].expand_as(logits[known]))
-                loss = loss + self.config.side_loss_weight * side_loss
-                info["side_loss"] = float(side_loss.detach())
-                info["loss"] = float(loss.detach())
+        if side_loss is not None:
+            loss = loss + self.config.side_loss_weight * side_loss
+            info["side_loss"] = float(side_loss.detach())
+            info["loss"] = float(loss.detach())
         return loss, info
 
     @torch.no_grad()

@@ -115,6 +115,9 @@ def batch_split(policy, policy_config, train_config, compute) -> tuple[int, int,
         return per_step, accumulation, None
     if compute.device != "cuda":
         return per_step, accumulation, f"batch auto: no GPU to probe, keeping {per_step} × {accumulation} accumulation"
+    if train_config.batching == "episodes":  # the probe measures windows, not whole episodes
+        return per_step, accumulation, (f"batch auto: the probe sizes windows, not episodes; keeping "
+                                        f"{per_step} episodes × {accumulation} accumulation")
     import torch
 
     key = cache_key(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory,

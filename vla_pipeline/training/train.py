@@ -30,7 +30,7 @@ from .autobatch import batch_split
 from .checkpoint import PICKLED_STATE, has_checkpoint, load_checkpoint, publish_policy, save_checkpoint
 from .compute import ComputePlan, half_dtype, plan_compute
 from .train_config import TrainConfig
-from .windows import Augmentation, WindowDataset, make_loader
+from .windows import Augmentation, EpisodeDataset, WindowDataset, make_loader
 
 CHECKPOINT = "checkpoint"
 WARMUP_STEPS = 3  # optimizer steps left out of the steady-state windows/s (allocation, autotuning)
@@ -70,7 +70,17 @@ def _to_model_batch(batch: dict) -> dict:
         "actions": batch["actions"],
         "action_mask": batch["action_mask"],
         "sides": list(batch.get("side") or []) or None,
+        "lengths": batch.get("lengths"),  # whole episodes (TrainConfig.batching "episodes")
     }
+
+
+def windows_in(batch: dict, window: int) -> int:
+    """The training windows a batch holds: its windows, or those of its whole episodes (so the
+    windows/s of both batchings compare, an epoch being the same windows)."""
+    lengths = batch.get("lengths")
+    if lengths is None:
+        return len(batch["instruction"])
+    return int((torch.as_tensor(lengths) - window + 1).clamp_min(0).sum())
 
 
 @torch.no_grad()
@@ -127,7 +137,8 @@ def train(
     log(f"parameters: {counts['trainable']:,} trainable of {counts['total']:,}")
 
     def windows(ids, train):
-        return WindowDataset(
+        kind = EpisodeDataset if config.batching == "episodes" else WindowDataset
+        return kind(
             store_path, ids, policy_config.window, policy_config.chunk, policy_config.action_scale,
             train=train, augmentation=Augmentation.of(config), seed=config.seed,
         )
@@ -212,7 +223,7 @@ def train(
             batches_done += 1
             running += float(loss.detach())
             seen += 1
-            rates.add(len(batch["instruction"]) * processes)
+            rates.add(windows_in(batch, policy_config.window) * processes)
             if not accelerator.sync_gradients:
                 continue
             step += 1

@@ -21,7 +21,11 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     epochs: int = Field(3, ge=1, description="passes over the training windows")
-    batch_size: int = Field(2, ge=1, description="windows per step (compute.batch_size: auto may split it)")
+    batch_size: int = Field(2, ge=1, description="windows (or episodes) per step (compute.batch_size: auto may split windows)")
+    batching: Literal["windows", "episodes"] = Field("windows", description=(
+        "windows: an item is a window, every frame of it a target, so a frame is encoded and targeted "
+        "once per window it is in; episodes: an item is a whole episode, each frame encoded once and "
+        "a target once, with the history it has when driving (the frames before it, at most window - 1)"))
     grad_accum: int = Field(4, ge=1, description="steps per optimizer step")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate, the peak of the cosine schedule")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")

@@ -149,12 +149,16 @@ class WindowDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         episode_id, start = self.index[index]
+        return self._read(episode_id, start, self.window, index)
+
+    def _read(self, episode_id: str, start: int, length: int, index: int) -> dict:
+        """The item of frames start … start+length-1 (augmented when training, drawn by index)."""
         instruction, side, _ = self.meta[episode_id]
         images, actions, is_command = self._episode_arrays(episode_id)
-        W, C = self.window, self.chunk
-        frames = images[start : start + W]
-        raw = actions[start : start + W + C - 1]
-        is_command = is_command[start : start + W + C - 1]
+        C = self.chunk
+        frames = images[start : start + length]
+        raw = actions[start : start + length + C - 1]
+        is_command = is_command[start : start + length + C - 1]
         if self.train:
             augment = self.augmentation
             rng = np.random.default_rng((self.seed, int(self._epoch), index))
@@ -172,7 +176,24 @@ class WindowDataset(Dataset):
                 raw[:, 1] = 0.0 - raw[:, 1]  # 0.0 - x: no -0.0 for a zero linear_y
                 instruction = mirror_instruction(instruction)
                 side = OTHER_SIDE.get(side, side)
-        return _item(frames, raw, is_command, W, C, self.action_scale, instruction, episode_id, start, side)
+        return _item(frames, raw, is_command, length, C, self.action_scale, instruction, episode_id, start, side)
+
+
+class EpisodeDataset(WindowDataset):
+    """Every stored episode that has a training window, whole, as one item (`TrainConfig.batching`
+    "episodes"): images (T, 224, 224, 3), actions (T, C, 2) and action_mask (T, C), augmented
+    as one window is. `collate_episodes` pads a batch to its longest episode and adds `lengths`;
+    the policy (`MobileVLAPolicy.forward`) encodes each frame once and cuts the windows from the
+    frames' features."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.index = [(episode_id, 0) for episode_id, (_, _, frames) in self.meta.items()
+                      if training_starts(frames, self.window, self.chunk)]
+
+    def __getitem__(self, index: int) -> dict:
+        episode_id, _ = self.index[index]
+        return self._read(episode_id, 0, self.meta[episode_id][2], index)
 
 
 def collate_windows(items: list[dict]) -> dict:
@@ -182,6 +203,20 @@ def collate_windows(items: list[dict]) -> dict:
     """
     return {key: torch.stack([item[key] for item in items]) if isinstance(items[0][key], torch.Tensor)
             else [item[key] for item in items] for key in items[0]}
+
+
+def collate_episodes(items: list[dict]) -> dict:
+    """`collate_windows` of episodes padded to the longest (zero frames, masked actions), with
+    `lengths` (B,) the episodes' frame counts."""
+    longest = max(len(item["images"]) for item in items)
+
+    def padded(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor, tensor.new_zeros((longest - len(tensor), *tensor.shape[1:]))])
+
+    batch = collate_windows([{**item, **{key: padded(item[key]) for key in ("images", "actions", "action_mask")}}
+                             for item in items])
+    batch["lengths"] = torch.tensor([len(item["images"]) for item in items])
+    return batch
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -204,13 +239,14 @@ def _worker_context():
 def make_loader(
     dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0, seed: int = 0
 ) -> DataLoader:
-    """Batches of `collate_windows`; the shuffle order depends only on `seed` (and the epoch count)."""
+    """Batches of `collate_windows` (`collate_episodes` for an EpisodeDataset); the shuffle order
+    depends only on `seed` (and the epoch count)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=workers,
-        collate_fn=collate_windows,
+        collate_fn=collate_episodes if isinstance(dataset, EpisodeDataset) else collate_windows,
         persistent_workers=workers > 0,
         multiprocessing_context=_worker_context() if workers > 0 else None,
         worker_init_fn=_seed_worker,
