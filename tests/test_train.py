@@ -173,10 +173,10 @@ def uneven_store(tmp_path_factory):
 
 
 @pytest.mark.parametrize("head", ["regression", "classification"])
-def test_an_episode_batch_is_its_windows_each_frame_targeted_once_as_when_driving(uneven_store, head):
-    """The loss of whole episodes equals the loss of all their windows where window s > 0 targets
-    only its last frame and window 0 all of its frames: the same frames, each seen with the
-    history the policy has when driving, in one backbone pass per frame instead of one per window."""
+def test_an_episode_batch_has_the_loss_of_all_its_windows(uneven_store, head):
+    """Whole episodes, padded to the longest, give the loss (actions, stops ×6, side probe) of all
+    their windows in one batch: the same targets, in one backbone pass per frame instead of one
+    per window it is in."""
     import torch
 
     from vla_pipeline.policy.model import build_policy
@@ -190,24 +190,20 @@ def test_an_episode_batch_is_its_windows_each_frame_targeted_once_as_when_drivin
     whole = collate_episodes([episodes[i] for i in range(len(episodes))])
     assert whole["images"].shape[:2] == (3, 24) and whole["lengths"].tolist() == [18, 20, 24]
     assert not whole["action_mask"][0, 18:].any() and not whole["action_mask"][1, 20:].any()  # padding
-
     windows = WindowDataset(store, ids, config.window, config.chunk, config.action_scale)
-    items = [windows[i] for i in range(len(windows))]
-    for item in items:
-        if item["start"] > 0:
-            item["action_mask"][: config.window - 1] = False
-    cut = collate_windows(items)
+    cut = collate_windows([windows[i] for i in range(len(windows))])
+    assert len(cut["instruction"]) == (18 - 2) + (20 - 2) + (24 - 2)
 
     def loss(batch):
         with torch.no_grad():
             return policy({"images": batch["images"], "instructions": list(batch["instruction"]),
                            "actions": batch["actions"], "action_mask": batch["action_mask"],
-                           "lengths": batch.get("lengths")})
+                           "sides": list(batch["side"]), "lengths": batch.get("lengths")})
 
     (episode_loss, episode_info), (window_loss, window_info) = loss(whole), loss(cut)
-    assert episode_info["valid_steps"] == window_info["valid_steps"]  # the same targets (stops weighted ×6)
+    assert episode_info["valid_steps"] == window_info["valid_steps"]  # the same targets, stops weighted ×6
+    assert episode_info["side_loss"] == pytest.approx(window_info["side_loss"], rel=1e-5)
     assert float(episode_loss) == pytest.approx(float(window_loss), rel=1e-5)
-    assert int(whole["action_mask"].sum()) == int(cut["action_mask"].sum())
 
 
 def test_training_on_whole_episodes(small_store, tmp_path):
@@ -218,6 +214,6 @@ def test_training_on_whole_episodes(small_store, tmp_path):
                    store, train_ids, val_ids, tmp_path, log=lines.append)
     assert result.steps == 2 * 2  # 3 episodes in batches of 2, twice
     assert result.best_val_loss < 10 and all(r["train_loss"] > 0 for r in result.history)
-    # windows/s counts the windows of the episodes: 3 × (20 - 3 + 1) per epoch, as the windows batching has
+    # windows/s counts the windows of the episodes (3 × (20 - 3 + 1) an epoch), as the windows batching does
     assert any(line.startswith("step ") and "windows/s" in line for line in lines)
     assert (tmp_path / "policy" / "policy_config.json").is_file()

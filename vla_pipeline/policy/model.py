@@ -241,9 +241,8 @@ class MobileVLAPolicy(nn.Module):
         (classification head) over every frame × valid chunk step (shapes: module docstring).
 
         A batch of whole episodes (`lengths` (B,) given; images (B, T, ...), actions (B, T, chunk, 2),
-        action_mask (B, T, chunk), padded past each length) is trained as its windows: each frame
-        encoded once, the windows cut from the frames' features, and each frame a target once,
-        with the history it has when driving (the frames before it, at most window - 1)."""
+        action_mask (B, T, chunk), padded past each length) is trained as all its windows are, with
+        the same loss, but each frame encoded once: the windows are cut from the frames' features."""
         if batch.get("lengths") is not None:
             return self._episode_forward(batch)
         features = self.encode_frames(batch["images"], batch["instructions"])
@@ -269,14 +268,17 @@ class MobileVLAPolicy(nn.Module):
             x = torch.cat([x, x.new_zeros((episodes, span - longest, *x.shape[2:]))], 1) if span > longest else x
             return x.unfold(1, W, 1).movedim(-1, 2).flatten(0, 1)
 
-        mask = windows(batch["action_mask"]).clone()  # (N, W, chunk)
-        # Window s > 0 targets its last frame only; window 0 also its first W - 1 frames (their
-        # whole history): every frame once, seen as when driving.
-        first = (torch.arange(len(mask), device=mask.device) % (span - W + 1)) == 0
-        mask[~first, : W - 1] = False
+        # The windows of starts 0 … length - W only, as the windows batching has them (later ones run
+        # into the padding).
+        starts = torch.arange(span - W + 1, device=encoded.device)
+        whole = (starts[None] <= (lengths.to(encoded.device) - W)[:, None]).flatten()[:, None]  # (N, 1)
         sides = batch.get("sides")
-        side_loss = self._side_loss(features[:, :longest], sides, valid) if sides is not None else None
-        return self._action_loss(windows(features), windows(batch["actions"]), mask, side_loss)
+        side_loss = None
+        if sides is not None:
+            side_loss = self._side_loss(windows(features), [side for side in sides for _ in starts],
+                                        whole.expand(-1, W))
+        return self._action_loss(windows(features), windows(batch["actions"]),
+                                 windows(batch["action_mask"]) & whole[..., None], side_loss)
 
     def _side_loss(self, features: torch.Tensor, sides: list, valid: torch.Tensor | None = None):
         """The side probe's BCE over the frames (B, W) of the windows whose side is known, or None."""
