@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -50,6 +51,7 @@ from vla_pipeline.policy.backbone import LOCAL_BACKBONES
 from vla_pipeline.policy.serving import StreamingPolicy
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.sim.operator import SAMPLE_WORLD, write_sample_episodes
+from vla_pipeline.sim.varied import ARRIVAL_DISTANCE
 from vla_pipeline.training.split import split_from_store
 from vla_pipeline.training.train import train
 from vla_pipeline.training.train_config import TrainConfig
@@ -109,8 +111,13 @@ def drive(policy, episodes: int, seed: int) -> dict:
           + ", ".join(f"{name} {rate:.3f}" for name, rate in rates.items()))
     print("policy outcomes: " + ", ".join(f"{outcome} {count}" for outcome, count in outcomes.most_common()))
     # Why a stop was not an arrival (sim.varied.arrival): the distance, or the target off to one side.
-    misses = Counter("too near or too far" if " m from the target" in (result.reason or "") else "target off to one side"
-                     for result in report.policy if result.outcome == "stopped_away")
+    def why(reason: str) -> str:
+        found = re.search(r"stopped ([0-9.]+) m from the target", reason)
+        if not found:
+            return "target off to one side"
+        return "too near" if float(found.group(1)) < ARRIVAL_DISTANCE[0] else "too far"
+
+    misses = Counter(why(result.reason or "") for result in report.policy if result.outcome == "stopped_away")
     if misses:
         print("stopped away: " + ", ".join(f"{why} {count}" for why, count in misses.most_common()))
     return {"success": rates, "outcomes": dict(outcomes), "stopped_away": dict(misses), "spl": summary["policy"]["spl"]}

@@ -23,9 +23,9 @@ class TrainConfig(BaseModel):
     epochs: int = Field(3, ge=1, description="passes over the training windows")
     batch_size: int = Field(2, ge=1, description="windows (or episodes) per step (compute.batch_size: auto may split windows)")
     batching: Literal["windows", "episodes"] = Field("windows", description=(
-        "windows: an item is a window, every frame of it a target, so a frame is encoded and targeted "
-        "once per window it is in; episodes: an item is a whole episode, each frame encoded once and "
-        "a target once, with the history it has when driving (the frames before it, at most window - 1)"))
+        "windows: an item is a window, so a frame is encoded once per window it is in; episodes: an "
+        "item is a whole episode, each frame encoded once a step and its windows cut from the frames' "
+        "features, trained with the same loss"))
     grad_accum: int = Field(4, ge=1, description="steps per optimizer step")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate, the peak of the cosine schedule")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
