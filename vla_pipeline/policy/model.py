@@ -259,25 +259,24 @@ class MobileVLAPolicy(nn.Module):
         per_frame = [text for text, n in zip(batch["instructions"], lengths.tolist()) for _ in range(n)]
         encoded = self.encode_images(pixels, per_frame)
         W = self.config.window
-        span = max(longest, W)  # an episode shorter than the window: padding frames never targeted
-        features = encoded.new_zeros(episodes, span, encoded.shape[-1])
-        features[:, :longest][valid.to(encoded.device)] = encoded
+        if longest < W:  # EpisodeDataset holds only episodes with a training window
+            raise ValueError(f"whole episodes need at least window={W} frames, the longest has {longest}")
+        features = encoded.new_zeros(episodes, longest, encoded.shape[-1])
+        features[valid.to(encoded.device)] = encoded
 
-        def windows(x: torch.Tensor) -> torch.Tensor:  # (B, span, ...) -> (B × (span - W + 1), W, ...)
-            x = torch.as_tensor(x, device=encoded.device)
-            x = torch.cat([x, x.new_zeros((episodes, span - longest, *x.shape[2:]))], 1) if span > longest else x
-            return x.unfold(1, W, 1).movedim(-1, 2).flatten(0, 1)
+        def windows(x) -> torch.Tensor:  # (B, T, ...) -> (B × (T - W + 1), W, ...)
+            return torch.as_tensor(x, device=encoded.device).unfold(1, W, 1).movedim(-1, 2).flatten(0, 1)
 
         # The windows of starts 0 … length - W only, as the windows batching has them (later ones run
         # into the padding).
-        starts = torch.arange(span - W + 1, device=encoded.device)
+        starts = torch.arange(longest - W + 1, device=encoded.device)
         whole = (starts[None] <= (lengths.to(encoded.device) - W)[:, None]).flatten()[:, None]  # (N, 1)
+        feature_windows = windows(features)
         sides = batch.get("sides")
         side_loss = None
         if sides is not None:
-            side_loss = self._side_loss(windows(features), [side for side in sides for _ in starts],
-                                        whole.expand(-1, W))
-        return self._action_loss(windows(features), windows(batch["actions"]),
+            side_loss = self._side_loss(feature_windows, [side for side in sides for _ in starts], whole.expand(-1, W))
+        return self._action_loss(feature_windows, windows(batch["actions"]),
                                  windows(batch["action_mask"]) & whole[..., None], side_loss)
 
     def _side_loss(self, features: torch.Tensor, sides: list, valid: torch.Tensor | None = None):
