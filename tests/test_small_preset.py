@@ -133,24 +133,3 @@ def test_side_probe_loss_joins_only_with_known_sides(small_dir):
     with_sides.backward()
     assert policy.head.side_probe.weight.grad.abs().sum() > 0
     assert build_policy(PolicyConfig.cpu(backbone=str(small_dir), side_loss_weight=0.0)).head.side_probe is None
-
-
-def test_progress_probe_reads_the_presses_left_from_every_frame(small_dir):
-    """The progress probe's cross-entropy joins the loss only where the batch has the counts, with
-    the counts past the horizon in its last class; it is trained (gradient) and off at weight 0."""
-    policy = build_policy(PolicyConfig.cpu(backbone=str(small_dir), progress_loss_weight=2.0, progress_horizon=3))
-    assert policy.head.progress_probe.out_features == 3
-    batch = make_batch(1)
-    without, info = policy(batch)
-    assert "progress_loss" not in info
-    window = batch["images"].shape[1]
-    to_go = torch.arange(window - 1, -1, -1).repeat(2, 1)  # (B, W): the window ends the episode
-    with_counts, info = policy({**batch, "to_go": to_go})
-    assert with_counts.item() == pytest.approx(without.item() + 2.0 * info["progress_loss"], rel=1e-5)
-    with torch.no_grad():
-        logits = policy.head.progress_probe(policy.encode_frames(batch["images"], batch["instructions"]))
-    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), to_go.clamp(max=2).flatten())
-    assert info["progress_loss"] == pytest.approx(expected.item(), rel=1e-4)
-    with_counts.backward()
-    assert policy.head.progress_probe.weight.grad.abs().sum() > 0
-    assert build_policy(PolicyConfig.cpu(backbone=str(small_dir))).head.progress_probe is None

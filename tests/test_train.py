@@ -174,7 +174,7 @@ def uneven_store(tmp_path_factory):
 
 @pytest.mark.parametrize("head", ["regression", "classification"])
 def test_an_episode_batch_has_the_loss_of_all_its_windows(uneven_store, head):
-    """Whole episodes, padded to the longest, give the loss (actions, stops ×6, side and progress probes) of all
+    """Whole episodes, padded to the longest, give the loss (actions, stops ×6, side probe) of all
     their windows in one batch: the same targets, in one backbone pass per frame instead of one
     per window it is in."""
     import torch
@@ -183,8 +183,7 @@ def test_an_episode_batch_has_the_loss_of_all_its_windows(uneven_store, head):
     from vla_pipeline.training.windows import EpisodeDataset, WindowDataset, collate_episodes, collate_windows
 
     store, ids = uneven_store
-    config = PolicyConfig.tiny(window=3, chunk=2, action_head=head, stop_loss_weight=6.0, side_loss_weight=0.5,
-                               progress_loss_weight=1.0)
+    config = PolicyConfig.tiny(window=3, chunk=2, action_head=head, stop_loss_weight=6.0, side_loss_weight=0.5)
     policy = build_policy(config).eval()
     episodes = EpisodeDataset(store, ids, config.window, config.chunk, config.action_scale)
     assert len(episodes) == 3
@@ -199,12 +198,11 @@ def test_an_episode_batch_has_the_loss_of_all_its_windows(uneven_store, head):
         with torch.no_grad():
             return policy({"images": batch["images"], "instructions": list(batch["instruction"]),
                            "actions": batch["actions"], "action_mask": batch["action_mask"],
-                           "sides": list(batch["side"]), "to_go": batch["to_go"], "lengths": batch.get("lengths")})
+                           "sides": list(batch["side"]), "lengths": batch.get("lengths")})
 
     (episode_loss, episode_info), (window_loss, window_info) = loss(whole), loss(cut)
     assert episode_info["valid_steps"] == window_info["valid_steps"]  # the same targets, stops weighted ×6
     assert episode_info["side_loss"] == pytest.approx(window_info["side_loss"], rel=1e-5)
-    assert episode_info["progress_loss"] == pytest.approx(window_info["progress_loss"], rel=1e-5)
     assert float(episode_loss) == pytest.approx(float(window_loss), rel=1e-5)
 
 

@@ -67,9 +67,6 @@ def test_length_and_item_format(store):
     assert (item["episode_id"], item["start"], item["side"]) == (GOOD_NAME, 0, "left")
     assert isinstance(item["instruction"], str) and "left" in item["instruction"]
     assert data[len(data) - 1]["side"] == "right"
-    # key presses left after each frame: the episode's last frame has none
-    assert item["to_go"].tolist() == [FRAMES[GOOD_NAME] - 1 - t for t in range(W)]
-    assert data[len(data) - 1]["to_go"][-1] == 0
 
 
 def test_actions_are_normalised_chunks_at_the_right_offsets(store):

@@ -64,8 +64,7 @@ class PolicyHead(nn.Module):
     CLASS_VALUES = (-1.0, 0.0, 1.0)
 
     def __init__(self, in_dim: int, hidden: int, layers: int, chunk: int, action_dim: int,
-                 kind: str = "regression", side_probe: bool = False, decode: str = "expected",
-                 progress_classes: int = 0):
+                 kind: str = "regression", side_probe: bool = False, decode: str = "expected"):
         super().__init__()
         self.chunk, self.action_dim, self.kind, self.decode_mode = chunk, action_dim, kind, decode
         self.outputs_per_action = len(self.CLASS_VALUES) if kind == "classification" else 1
@@ -74,8 +73,6 @@ class PolicyHead(nn.Module):
                                  nn.Linear(hidden, chunk * action_dim * self.outputs_per_action))
         # Training only: a linear read-out of the instruction's side from each frame's feature.
         self.side_probe = nn.Linear(in_dim, 1) if side_probe else None
-        # Training only: how many presses the episode has left, read out of each frame's feature.
-        self.progress_probe = nn.Linear(in_dim, progress_classes) if progress_classes else None
 
     def raw(self, features: torch.Tensor) -> torch.Tensor:
         """Pre-activation outputs: (B, W, chunk, action_dim) or, classifying, (..., 3) logits."""
@@ -132,8 +129,7 @@ class MobileVLAPolicy(nn.Module):
             self.action_token = nn.Parameter(torch.randn(hidden) * 0.02)
             self.head = PolicyHead(hidden, config.lstm_hidden, config.lstm_layers, config.chunk, config.action_dim,
                                    config.action_head, side_probe=config.side_loss_weight > 0,
-                                   decode=config.action_decode,
-                                   progress_classes=config.progress_horizon if config.progress_loss_weight > 0 else 0)
+                                   decode=config.action_decode)
             if config.lora_enable:
                 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -251,9 +247,8 @@ class MobileVLAPolicy(nn.Module):
             return self._episode_forward(batch)
         features = self.encode_frames(batch["images"], batch["instructions"])
         sides = batch.get("sides")
-        aux = {"side_loss": self._side_loss(features, sides) if sides is not None else None,
-               "progress_loss": self._progress_loss(features, batch.get("to_go"))}
-        return self._action_loss(features, batch["actions"], batch.get("action_mask"), aux)
+        side_loss = self._side_loss(features, sides) if sides is not None else None
+        return self._action_loss(features, batch["actions"], batch.get("action_mask"), side_loss)
 
     def _episode_forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         images = torch.as_tensor(batch["images"])
@@ -277,15 +272,12 @@ class MobileVLAPolicy(nn.Module):
         starts = torch.arange(longest - W + 1, device=encoded.device)
         whole = (starts[None] <= (lengths.to(encoded.device) - W)[:, None]).flatten()[:, None]  # (N, 1)
         feature_windows = windows(features)
-        sides, to_go = batch.get("sides"), batch.get("to_go")
-        aux = {"side_loss": None, "progress_loss": None}
+        sides = batch.get("sides")
+        side_loss = None
         if sides is not None:
-            aux["side_loss"] = self._side_loss(feature_windows, [side for side in sides for _ in starts],
-                                               whole.expand(-1, W))
-        if to_go is not None:
-            aux["progress_loss"] = self._progress_loss(feature_windows, windows(to_go), whole.expand(-1, W))
+            side_loss = self._side_loss(feature_windows, [side for side in sides for _ in starts], whole.expand(-1, W))
         return self._action_loss(feature_windows, windows(batch["actions"]),
-                                 windows(batch["action_mask"]) & whole[..., None], aux)
+                                 windows(batch["action_mask"]) & whole[..., None], side_loss)
 
     def _side_loss(self, features: torch.Tensor, sides: list, valid: torch.Tensor | None = None):
         """The side probe's BCE over the frames (B, W) of the windows whose side is known, or None."""
@@ -302,20 +294,7 @@ class MobileVLAPolicy(nn.Module):
         keep = known[:, None].expand_as(logits) if valid is None else known[:, None] & valid.to(features.device)
         return F.binary_cross_entropy_with_logits(logits[keep], targets[keep])
 
-    def _progress_loss(self, features: torch.Tensor, to_go, valid: torch.Tensor | None = None):
-        """The progress probe's cross-entropy over the frames (B, W): `to_go` (B, W) is how many key
-        presses each frame's episode has left after it (its last frame: 0), clipped to the last
-        class. None without the probe or the counts."""
-        if self.head.progress_probe is None or to_go is None:
-            return None
-        logits = self.head.progress_probe(features.float())  # (B, W, classes)
-        classes = torch.as_tensor(to_go, device=logits.device).long().clamp(0, logits.shape[-1] - 1)
-        if valid is not None:
-            keep = valid.to(logits.device)
-            logits, classes = logits[keep], classes[keep]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), classes.reshape(-1))
-
-    def _action_loss(self, features: torch.Tensor, actions, mask, aux: dict) -> tuple[torch.Tensor, dict]:
+    def _action_loss(self, features: torch.Tensor, actions, mask, side_loss) -> tuple[torch.Tensor, dict]:
         raw = self.head.raw(features)
         pred = self.head.decode(raw)
         target = torch.as_tensor(actions, device=pred.device, dtype=pred.dtype)
@@ -337,12 +316,10 @@ class MobileVLAPolicy(nn.Module):
         with torch.no_grad():
             mae = ((pred - target).abs() * weight).sum() / denom * self.config.action_scale
         info = {"loss": float(loss.detach()), "mae_robot_units": float(mae), "valid_steps": int(weight[..., 0].sum())}
-        for name, weight in (("side_loss", self.config.side_loss_weight),
-                             ("progress_loss", self.config.progress_loss_weight)):
-            if aux.get(name) is not None:
-                loss = loss + weight * aux[name]
-                info[name] = float(aux[name].detach())
-                info["loss"] = float(loss.detach())
+        if side_loss is not None:
+            loss = loss + self.config.side_loss_weight * side_loss
+            info["side_loss"] = float(side_loss.detach())
+            info["loss"] = float(loss.detach())
         return loss, info
 
     @torch.no_grad()

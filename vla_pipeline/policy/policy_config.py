@@ -79,11 +79,6 @@ class PolicyConfig(BaseModel):
         "the loss weight of a chunk step whose recorded action is a stop (zero on both axes) against "
         "1 for a move: an episode ends with one stop among ~18 moves, so a policy can score a low loss "
         "and never stop"))
-    progress_loss_weight: float = Field(0.0, ge=0, description=(
-        "> 0: a linear probe must read from every frame's feature how many key presses the episode "
-        "has left (0 … progress_horizon - 1, the last class 'that many or more'); its cross-entropy, "
-        "times this weight, joins the action loss"))
-    progress_horizon: int = Field(4, ge=2, description="the progress probe's classes")
     action_decode: Literal["expected", "argmax"] = Field("expected", description=(
         "classification head: the softmax's expected value, or the most likely class (0 or ±scale)"))
     # training setup (RoboVLMs names)

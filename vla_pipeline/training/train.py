@@ -70,7 +70,6 @@ def _to_model_batch(batch: dict) -> dict:
         "actions": batch["actions"],
         "action_mask": batch["action_mask"],
         "sides": list(batch.get("side") or []) or None,
-        "to_go": batch.get("to_go"),  # key presses left after each frame (the progress probe)
         "lengths": batch.get("lengths"),  # whole episodes (TrainConfig.batching "episodes")
     }
 

@@ -80,8 +80,6 @@ def describe_setup(policy: PolicyConfig, train: TrainConfig) -> str:
         what = "the whole backbone, from its initial weights"
     head = f"{policy.action_head} head" + (f" ({policy.action_decode})" if policy.action_head == "classification" else "")
     extras = f", side probe ×{policy.side_loss_weight}" if policy.side_loss_weight else ""
-    if policy.progress_loss_weight:
-        extras += f", progress probe ×{policy.progress_loss_weight} ({policy.progress_horizon} classes)"
     return (f"{what}; {head}{extras}; window {policy.window}, chunk {policy.chunk}; {train.epochs} epochs, "
             f"batch {train.batch_size} × {train.grad_accum}, lr {train.lr:g}, warm-up {train.warmup_steps} steps"
             + (" (the CPU preset's own setup, not the full-size default)" if policy.preset == "small" else ""))

@@ -6,7 +6,6 @@ predicts the action chunk actions[t … t+C-1]. An item is a dict:
     images       uint8 (W, 224, 224, 3) RGB, not normalised (the model's preprocessing does that)
     actions      float32 (W, C, 2) (linear_x, linear_y) / action_scale, clipped to [-1, 1]
     action_mask  bool (W, C), True where the step exists (always, for the store's window starts)
-    to_go        int64 (W,) key presses the episode has left after each frame (its last frame: 0)
     instruction  str;  episode_id  str;  start  int;  side  'left' | 'right' | None
 
 `HDF5WindowDataset` is the users' old way (open the HDF5 file and resize every time), kept as
@@ -91,14 +90,12 @@ class Augmentation:
         return albumentations.Compose(steps) if steps else None
 
 
-def _item(images, raw_actions, is_command, window, chunk, scale, instruction, episode_id, start, side,
-          num_frames) -> dict:
+def _item(images, raw_actions, is_command, window, chunk, scale, instruction, episode_id, start, side) -> dict:
     actions, mask = action_chunks(raw_actions, window, chunk, scale, is_command)
     return {
         "images": torch.from_numpy(np.ascontiguousarray(images)),
         "actions": torch.from_numpy(actions),
         "action_mask": torch.from_numpy(mask),
-        "to_go": num_frames - 1 - start - torch.arange(window),
         "instruction": instruction,
         "episode_id": episode_id,
         "start": int(start),
@@ -156,7 +153,7 @@ class WindowDataset(Dataset):
 
     def _read(self, episode_id: str, start: int, length: int, index: int) -> dict:
         """The item of frames start … start+length-1 (augmented when training, drawn by index)."""
-        instruction, side, num_frames = self.meta[episode_id]
+        instruction, side, _ = self.meta[episode_id]
         images, actions, is_command = self._episode_arrays(episode_id)
         C = self.chunk
         frames = images[start : start + length]
@@ -179,8 +176,7 @@ class WindowDataset(Dataset):
                 raw[:, 1] = 0.0 - raw[:, 1]  # 0.0 - x: no -0.0 for a zero linear_y
                 instruction = mirror_instruction(instruction)
                 side = OTHER_SIDE.get(side, side)
-        return _item(frames, raw, is_command, length, C, self.action_scale, instruction, episode_id, start, side,
-                     num_frames)
+        return _item(frames, raw, is_command, length, C, self.action_scale, instruction, episode_id, start, side)
 
 
 class EpisodeDataset(WindowDataset):
@@ -217,7 +213,7 @@ def collate_episodes(items: list[dict]) -> dict:
     def padded(tensor: torch.Tensor) -> torch.Tensor:
         return torch.cat([tensor, tensor.new_zeros((longest - len(tensor), *tensor.shape[1:]))])
 
-    batch = collate_windows([{**item, **{key: padded(item[key]) for key in ("images", "actions", "action_mask", "to_go")}}
+    batch = collate_windows([{**item, **{key: padded(item[key]) for key in ("images", "actions", "action_mask")}}
                              for item in items])
     batch["lengths"] = torch.tensor([len(item["images"]) for item in items])
     return batch
@@ -272,8 +268,8 @@ class HDF5WindowDataset(Dataset):
         for path in map(Path, paths):
             # digest given: the reference loader never hashes files.
             header = inspect_episode(path, ValidationRules(window, chunk), digest="-")
-            self.episodes[header.episode_id] = (path, header.image_dataset, header.colour_order, header.instruction,
-                                                header.side, commanded(header.event_types), header.num_frames)
+            self.episodes[header.episode_id] = (path, header.image_dataset, header.colour_order,
+                                                header.instruction, header.side, commanded(header.event_types))
             self.index += [(header.episode_id, s) for s in training_starts(header.num_frames, window, chunk)]
 
     def __len__(self) -> int:
@@ -281,7 +277,7 @@ class HDF5WindowDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         episode_id, start = self.index[index]
-        path, dataset, order, instruction, side, is_command, num_frames = self.episodes[episode_id]
+        path, dataset, order, instruction, side, is_command = self.episodes[episode_id]
         W, C, size = self.window, self.chunk, self.image_size
         with h5py.File(path, "r") as h5:
             source = h5[dataset][start : start + W]
@@ -290,4 +286,4 @@ class HDF5WindowDataset(Dataset):
         for i, frame in enumerate(source):
             frames[i] = model_frame(frame, order, size)
         return _item(frames, raw, is_command[start : start + W + C - 1], W, C, self.action_scale, instruction,
-                     episode_id, start, side, num_frames)
+                     episode_id, start, side)
