@@ -133,3 +133,42 @@ def test_side_probe_loss_joins_only_with_known_sides(small_dir):
     with_sides.backward()
     assert policy.head.side_probe.weight.grad.abs().sum() > 0
     assert build_policy(PolicyConfig.cpu(backbone=str(small_dir), side_loss_weight=0.0)).head.side_probe is None
+
+
+def test_joint_head_decodes_one_action_where_the_axes_apart_make_a_stop():
+    """Unsure whether to strafe left or right while not driving forward: the axes' separate
+    argmaxes combine into a stop nobody pressed; the joint head's most likely combination is
+    the forward press it is surest of."""
+    from vla_pipeline.policy.model import PolicyHead
+
+    joint = PolicyHead(4, 8, 1, chunk=1, action_dim=2, kind="joint", decode="argmax")
+    combos = [tuple(c) for c in joint.combinations.tolist()]
+    probs = torch.zeros(9)
+    for action, p in {(1.0, 0.0): 0.4, (0.0, 1.0): 0.25, (0.0, -1.0): 0.25, (0.0, 0.0): 0.1}.items():
+        probs[combos.index(action)] = p
+    assert joint.decode(probs.clamp_min(1e-6).log()[None]).tolist() == [[1.0, 0.0]]
+    # the same beliefs as each axis's own 3 classes (-1, 0, +1)
+    marginals = torch.stack([torch.tensor([sum(p for c, p in zip(combos, probs.tolist()) if c[axis] == v)
+                                           for v in PolicyHead.CLASS_VALUES]) for axis in (0, 1)])
+    apart = PolicyHead(4, 8, 1, chunk=1, action_dim=2, kind="classification", decode="argmax")
+    assert apart.decode(marginals.log()[None]).tolist() == [[0.0, 0.0]]
+
+
+def test_joint_head_loss_is_the_cross_entropy_of_the_pressed_combination(small_dir):
+    policy = build_policy(PolicyConfig.cpu(backbone=str(small_dir), chunk=2, action_head="joint", stop_loss_weight=3.0))
+    assert policy.head.mlp[-1].out_features == 2 * 9
+    batch = make_batch(2)
+    batch["action_mask"][0, :, 1] = False
+    loss, _ = policy(batch)
+    with torch.no_grad():
+        raw = policy.head.raw(policy.encode_frames(batch["images"], batch["instructions"]))
+    combos = policy.head.combinations.tolist()
+    target = torch.tensor([[[combos.index(step) for step in window] for window in episode]
+                           for episode in batch["actions"].tolist()])  # (B, W, chunk)
+    weight = batch["action_mask"].float() * torch.where((batch["actions"] == 0).all(-1), 3.0, 1.0)
+    per_step = torch.nn.functional.cross_entropy(raw.flatten(0, -2), target.flatten(), reduction="none")
+    assert loss.item() == pytest.approx(float((per_step * weight.flatten()).sum() / weight.sum()), rel=1e-5)
+    loss.backward()
+    assert policy.head.mlp[-1].weight.grad.abs().sum() > 0
+    actions = policy.predict(batch["images"], batch["instructions"]) / ACTION_SCALE
+    assert actions.shape == (2, 2, 2) and all([round(v, 4) for v in step] in combos for step in actions.flatten(0, 1).tolist())

@@ -172,7 +172,7 @@ def uneven_store(tmp_path_factory):
     return store, [p.stem for p in paths]
 
 
-@pytest.mark.parametrize("head", ["regression", "classification"])
+@pytest.mark.parametrize("head", ["regression", "classification", "joint"])
 def test_an_episode_batch_has_the_loss_of_all_its_windows(uneven_store, head):
     """Whole episodes, padded to the longest, give the loss (actions, stops ×6, side probe) of all
     their windows in one batch: the same targets, in one backbone pass per frame instead of one

@@ -17,6 +17,7 @@ Batch for `MobileVLAPolicy.forward` (B windows of W frames):
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import warnings
 from pathlib import Path
@@ -59,6 +60,11 @@ class PolicyHead(nn.Module):
     (-1, 0, +1) (teleop actions are only 0 and ±scale), trained by cross-entropy; the action
     is the expected value under their softmax (decode "expected") or the most likely value
     ("argmax").
+    "joint": it emits 3 ** action_dim logits per chunk step, one per combination of (-1, 0, +1)
+    on every axis (a key press, or the stop), trained by cross-entropy: the most likely
+    combination is one action, where the axes' separate most likely values can combine into an
+    action nobody pressed (unsure between strafing left and right while not driving forward, the
+    separate argmaxes make a stop).
     """
 
     CLASS_VALUES = (-1.0, 0.0, 1.0)
@@ -68,24 +74,35 @@ class PolicyHead(nn.Module):
         super().__init__()
         self.chunk, self.action_dim, self.kind, self.decode_mode = chunk, action_dim, kind, decode
         self.outputs_per_action = len(self.CLASS_VALUES) if kind == "classification" else 1
+        outputs = chunk * (len(self.CLASS_VALUES) ** action_dim if kind == "joint" else action_dim * self.outputs_per_action)
+        # "joint": the combinations' values (3 ** action_dim, action_dim), the first axis slowest,
+        # and each axis's place in a combination's index.
+        self.register_buffer("combinations", torch.tensor(list(itertools.product(self.CLASS_VALUES, repeat=action_dim))),
+                             persistent=False)
+        self.register_buffer("places", len(self.CLASS_VALUES) ** torch.arange(action_dim - 1, -1, -1), persistent=False)
         self.lstm = nn.LSTM(in_dim, hidden, num_layers=layers, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, chunk * action_dim * self.outputs_per_action))
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
         # Training only: a linear read-out of the instruction's side from each frame's feature.
         self.side_probe = nn.Linear(in_dim, 1) if side_probe else None
 
     def raw(self, features: torch.Tensor) -> torch.Tensor:
-        """Pre-activation outputs: (B, W, chunk, action_dim) or, classifying, (..., 3) logits."""
+        """Pre-activation outputs: (B, W, chunk, action_dim); classifying, (..., 3) logits; joint,
+        (B, W, chunk, 3 ** action_dim) logits."""
         batch, window = features.shape[:2]
         # On a CPU, autocast would run the LSTM in bf16 through oneDNN, which has no bf16 LSTM on
         # CPUs without bf16 instructions ("could not create a primitive descriptor"); the head is
         # small and trained in fp32 anyway, so there it runs in fp32.
         with torch.autocast("cpu", enabled=False) if features.device.type == "cpu" else contextlib.nullcontext():
             out, _ = self.lstm(features.float())
+        if self.kind == "joint":
+            return self.mlp(out).view(batch, window, self.chunk, len(self.combinations))
         out = self.mlp(out).view(batch, window, self.chunk, self.action_dim, self.outputs_per_action)
         return out if self.kind == "classification" else out.squeeze(-1)
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.kind == "joint":
+            values = self.combinations.to(raw.dtype)
+            return values[raw.argmax(-1)] if self.decode_mode == "argmax" else raw.softmax(-1) @ values
         if self.kind == "classification":
             values = raw.new_tensor(self.CLASS_VALUES)
             return values[raw.argmax(-1)] if self.decode_mode == "argmax" else raw.softmax(-1) @ values
@@ -307,8 +324,12 @@ class MobileVLAPolicy(nn.Module):
             weight = weight * torch.where(stop, self.config.stop_loss_weight, 1.0).to(pred.dtype)
         weight = weight.unsqueeze(-1).expand_as(pred)
         denom = weight.sum().clamp_min(1.0)
-        if self.head.kind == "classification":
-            classes = (target.round().clamp(-1, 1) + 1).long()  # -1, 0, +1 -> 0, 1, 2
+        classes = (target.round().clamp(-1, 1) + 1).long()  # -1, 0, +1 -> 0, 1, 2
+        if self.head.kind == "joint":  # one cross-entropy per chunk step, over the combinations
+            joint = (classes * self.head.places).sum(-1)
+            per_step = F.cross_entropy(raw.flatten(0, -2), joint.flatten(), reduction="none").view_as(joint)
+            per_step = per_step.unsqueeze(-1).expand_as(pred)  # each axis's weight: the step's mean
+        elif self.head.kind == "classification":
             per_step = F.cross_entropy(raw.flatten(0, -2), classes.flatten(), reduction="none").view_as(pred)
         else:
             per_step = F.smooth_l1_loss(pred, target, reduction="none", beta=self.config.huber_delta)

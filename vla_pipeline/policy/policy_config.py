@@ -69,9 +69,10 @@ class PolicyConfig(BaseModel):
     lstm_hidden: int = Field(512, ge=1, description="the head's LSTM width")
     lstm_layers: int = Field(4, ge=1, le=4, description="the head's LSTM layers")
     huber_delta: float = Field(1.0, gt=0, description="the regression head's Huber (smooth L1) threshold")
-    action_head: Literal["regression", "classification"] = Field("regression", description=(
+    action_head: Literal["regression", "classification", "joint"] = Field("regression", description=(
         "regression: tanh outputs, Huber loss; classification: 3 logits per chunk step and axis for "
-        "-1, 0, +1 (× action_scale), cross-entropy, the expected value as the action"))
+        "-1, 0, +1 (× action_scale), cross-entropy, the expected value as the action; joint: one logit "
+        "per chunk step for each combination of -1, 0, +1 on every axis (9 for 2 axes), cross-entropy"))
     side_loss_weight: float = Field(0.0, ge=0, description=(
         "> 0: a linear probe must read the instruction's side from every frame's feature; its BCE "
         "loss, times this weight, joins the action loss"))

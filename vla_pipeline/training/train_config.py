@@ -78,7 +78,7 @@ def describe_setup(policy: PolicyConfig, train: TrainConfig) -> str:
         what = "frozen backbone"
     else:
         what = "the whole backbone, from its initial weights"
-    head = f"{policy.action_head} head" + (f" ({policy.action_decode})" if policy.action_head == "classification" else "")
+    head = f"{policy.action_head} head" + (f" ({policy.action_decode})" if policy.action_head != "regression" else "")
     extras = f", side probe ×{policy.side_loss_weight}" if policy.side_loss_weight else ""
     return (f"{what}; {head}{extras}; window {policy.window}, chunk {policy.chunk}; {train.epochs} epochs, "
             f"batch {train.batch_size} × {train.grad_accum}, lr {train.lr:g}, warm-up {train.warmup_steps} steps"
