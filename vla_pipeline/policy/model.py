@@ -100,11 +100,8 @@ class PolicyHead(nn.Module):
         return out if self.kind == "classification" else out.squeeze(-1)
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
-        if self.kind == "joint":
-            values = self.combinations.to(raw.dtype)
-            return values[raw.argmax(-1)] if self.decode_mode == "argmax" else raw.softmax(-1) @ values
-        if self.kind == "classification":
-            values = raw.new_tensor(self.CLASS_VALUES)
+        if self.kind in ("classification", "joint"):
+            values = self.combinations.to(raw.dtype) if self.kind == "joint" else raw.new_tensor(self.CLASS_VALUES)
             return values[raw.argmax(-1)] if self.decode_mode == "argmax" else raw.softmax(-1) @ values
         return torch.tanh(raw)
 
