@@ -97,6 +97,19 @@ def test_prompt_layout_and_pixels_match_kosmos2_processor(tiny_backbone_path):
     torch.testing.assert_close(pixels, reference["pixel_values"], atol=1e-5, rtol=0)
 
 
+def test_small_tower_pixels_are_the_full_size_pixels_area_averaged():
+    """A smaller vision tower's input, averaged down before normalising, is the 224×224 input
+    averaged down after, in every layout the policy takes (one frame, frames, windows)."""
+    frames = torch.randint(0, 256, (2, 3, 224, 224, 3), dtype=torch.uint8)
+    full = normalise_images(frames).flatten(0, 1)
+    expected = torch.nn.functional.interpolate(full, size=(112, 112), mode="area").view(2, 3, 3, 112, 112)
+    small = normalise_images(frames, size=112)
+    assert small.shape == (2, 3, 3, 112, 112)
+    torch.testing.assert_close(small, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(normalise_images(frames[0, 0], size=112), expected[0, 0], atol=1e-5, rtol=0)
+    assert not torch.equal(small[0, 0], small[0, 1])  # each frame its own pixels
+
+
 # ---------------------------------------------------------------- forward, gradients
 
 

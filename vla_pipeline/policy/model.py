@@ -170,8 +170,14 @@ class MobileVLAPolicy(nn.Module):
 
     # -- encoding ------------------------------------------------------------------
 
+    def normalise(self, images) -> torch.Tensor:
+        """uint8 RGB frames (..., 224, 224, 3) -> normalised pixels (..., 3, S, S) at the vision
+        tower's size S (224, or a CPU preset's smaller one, area-averaged down before normalising)."""
+        return normalise_images(images, size=int(self.kosmos.config.vision_config.image_size))
+
     def encode_images(self, pixel_values: torch.Tensor, instructions: list[str], compiled: bool = True) -> torch.Tensor:
-        """Normalised frames (N, 3, 224, 224) + one instruction each -> features (N, hidden).
+        """Normalised frames (N, 3, 224, 224), or at the vision tower's size (`normalise`), + one
+        instruction each -> features (N, hidden).
         `compiled=False` runs the backbone eagerly even where `compile_backbone` was called."""
         if len(instructions) != len(pixel_values):
             raise ValueError(f"{len(pixel_values)} frames but {len(instructions)} instructions")
@@ -241,9 +247,12 @@ class MobileVLAPolicy(nn.Module):
         batch, window = images.shape[:2]
         if len(instructions) != batch:
             raise ValueError(f"{batch} windows but {len(instructions)} instructions")
-        pixels = normalise_images(images) if images.dtype == torch.uint8 else images
-        if tuple(pixels.shape[2:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
+        if images.dtype == torch.uint8:
+            pixels = self.normalise(images)
+        elif tuple(images.shape[2:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(f"float images must be (B, W, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(images.shape)}")
+        else:
+            pixels = images
         per_frame = [text for text in instructions for _ in range(window)]
         features = self.encode_images(pixels.flatten(0, 1), per_frame)
         return features.view(batch, window, -1)
@@ -269,7 +278,7 @@ class MobileVLAPolicy(nn.Module):
         lengths = torch.as_tensor(batch["lengths"]).to(images.device)
         episodes, longest = images.shape[:2]
         valid = torch.arange(longest, device=images.device) < lengths[:, None]  # (B, T) recorded frames
-        pixels = normalise_images(images[valid]) if images.dtype == torch.uint8 else images[valid]
+        pixels = self.normalise(images[valid]) if images.dtype == torch.uint8 else images[valid]
         per_frame = [text for text, n in zip(batch["instructions"], lengths.tolist()) for _ in range(n)]
         encoded = self.encode_images(pixels, per_frame)
         W = self.config.window

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..data.instructions import TEMPLATES
 from ..data.schema import DEFAULT_TARGET, IMAGE_SIZE
@@ -43,11 +44,14 @@ INSTRUCTION_WORDS = tuple(
 )
 
 
-def normalise_images(images, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 RGB (..., 224, 224, 3) -> CLIP-normalised float (..., 3, 224, 224).
+def normalise_images(images, dtype: torch.dtype = torch.float32, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """uint8 RGB (..., 224, 224, 3) -> CLIP-normalised float (..., 3, size, size).
 
     Equals the Kosmos-2 image processor (CLIPImageProcessor: rescale 1/255, CLIP mean/std)
-    on frames that are already 224×224, which the window store guarantees.
+    on frames that are already 224×224, which the window store guarantees. A smaller `size` (a
+    vision tower for smaller images, the CPU preset's) area-averages the frames down first: the
+    same pixels as normalising at 224 and averaging after (the normalisation is affine), with a
+    quarter of the pixels to normalise at 112.
     """
     images = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
     if images.dtype != torch.uint8:
@@ -56,8 +60,12 @@ def normalise_images(images, dtype: torch.dtype = torch.float32) -> torch.Tensor
         raise ValueError(f"images must be (..., {IMAGE_SIZE}, {IMAGE_SIZE}, 3), got {tuple(images.shape)}")
     mean = torch.tensor(CLIP_MEAN, device=images.device).view(3, 1, 1)
     std = torch.tensor(CLIP_STD, device=images.device).view(3, 1, 1)
-    pixels = images.movedim(-1, -3).to(torch.float32) / 255.0
-    return ((pixels - mean) / std).to(dtype)
+    pixels = images.movedim(-1, -3).to(torch.float32)
+    if size != IMAGE_SIZE:
+        lead = pixels.shape[:-3]
+        pixels = F.interpolate(pixels.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE), size=(size, size), mode="area")
+        pixels = pixels.reshape(*lead, 3, size, size)
+    return ((pixels / 255.0 - mean) / std).to(dtype)
 
 
 def normalise_actions(actions, action_scale: float) -> torch.Tensor:

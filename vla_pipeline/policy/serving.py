@@ -3,7 +3,7 @@
 `StreamingPolicy.step` encodes only the new frame with the backbone and keeps the features
 of the last `window - 1` frames, so the LSTM head sees exactly the window it saw in
 training (frames t-W+1 … t, fewer at the start of an episode) at the cost of one frame.
-Frames go through `data.frames.model_frame` and `preprocess.normalise_images`, the very code
+Frames go through `data.frames.model_frame` and `MobileVLAPolicy.normalise`, the very code
 the window store and the trainer use.
 """
 
@@ -17,7 +17,6 @@ import torch
 
 from ..data.frames import model_frame
 from .model import MobileVLAPolicy
-from .preprocess import normalise_images
 from ..data.schema import IMAGE_SIZE
 
 COLOUR_ORDERS = ("BGR", "RGB")
@@ -67,12 +66,13 @@ class StreamingPolicy:
         self._instruction = None
 
     def preprocess(self, image, colour_order: str | None = None) -> torch.Tensor:
-        """A camera frame (H, W, 3) uint8 -> normalised (3, 224, 224), as in training."""
+        """A camera frame (H, W, 3) uint8 -> normalised (3, S, S) at the vision tower's size S, as in
+        training."""
         frame = np.asarray(image)
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             raise ValueError(f"image must be a uint8 (height, width, 3) array, got {frame.dtype} {frame.shape}")
         order = _colour_order(colour_order or self.colour_order)
-        return normalise_images(model_frame(frame, order, IMAGE_SIZE))
+        return self.policy.normalise(model_frame(frame, order, IMAGE_SIZE))
 
     def step(self, image, instruction: str, colour_order: str | None = None) -> np.ndarray:
         """Encode the new frame, append its feature to the window, return the (chunk, 2) actions."""
