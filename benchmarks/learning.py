@@ -12,7 +12,9 @@ default rules, splits the first set as `train_val_split` does (val_fraction 0.2)
 through the real `train()`. After every epoch the policy is scored through the real
 `evaluate()` on the validation episodes and on the other seed's episodes: first-step direction
 accuracy (the learning curve), against the best constant baseline and the scripted replay of
-the training episodes, and the instruction flip. Then the kept policy drives in the sample
+the training episodes, and the instruction flip; the kept policy's table adds the stop press's
+recall and precision (the share of the operator's stops it makes, and of its stops that are his:
+a policy that stops early or never stops shows it here before it is driven). Then the kept policy drives in the sample
 episodes' world over `plan(--closed-loop, --closed-loop-seed)` beside the model-free drivers
 (the best blind one included) and with its camera frozen and blanked, as `closed_loop_metrics`
 drives it (`--closed-loop 0` skips it). The kept policy's robustness follows: offline, the
@@ -92,7 +94,14 @@ def scores(metrics: dict) -> dict:
             "replay": metrics["scripted_replay"]["first"]["direction_accuracy"],
             "flip": metrics["instruction_sensitivity"].get("flip_fraction_first", 0.0),
             "predictions": metrics["predictions"],
-            "sight_reliance": (metrics.get("sight_reliance") or {}).get("drop")}
+            "sight_reliance": (metrics.get("sight_reliance") or {}).get("drop"),
+            # the stop press: how many of the operator's stops it makes, and how many of its stops are his
+            "stop_recall": metrics["model"]["first"]["recall"]["STOP"],
+            "stop_precision": metrics["model"]["first"]["precision"]["STOP"]}
+
+
+def _rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 def drive(policy, episodes: int, seed: int) -> dict:
@@ -209,11 +218,12 @@ def main() -> int:
     print(f"\nkept policy ({train_config.keep} epoch, as lora_adapter keeps it), {result.epochs} epochs in "
           f"{result.seconds:.0f} s of training ({scoring} per-epoch scorings included):")
     print(f"{'episodes':<22} {'predictions':>11} {'accuracy':>9} {'best constant':>14} {'margin':>7} "
-          f"{'scripted replay':>16} {'flip':>5} {'sight reliance':>15}")
+          f"{'scripted replay':>16} {'flip':>5} {'sight reliance':>15} {'stop recall':>12} {'stop precision':>15}")
     for name, label in (("val", f"validation (seed {args.seed})"), ("other", f"other seed {args.other_seed}")):
         s = summary[name]
         print(f"{label:<22} {s['predictions']:>11} {s['accuracy']:>9.3f} {s['best_constant']:>14.3f} "
-              f"{s['margin']:>+7.3f} {s['replay']:>16.3f} {s['flip']:>5.2f} {s['sight_reliance']:>+15.3f}")
+              f"{s['margin']:>+7.3f} {s['replay']:>16.3f} {s['flip']:>5.2f} {s['sight_reliance']:>+15.3f} "
+              f"{_rate(s['stop_recall']):>12} {_rate(s['stop_precision']):>15}")
     offline = {name: offline_robustness(final, store, ids) for name, store, ids in
                (("val", train_store, split.val), ("other", other_store, other_ids))}
     print("\noffline robustness (first-step direction accuracy):")

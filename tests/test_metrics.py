@@ -63,6 +63,19 @@ def test_accuracy_recall_precision_and_confusion():
     assert confusion.sum() == 6 and np.trace(confusion) == 4
 
 
+def test_chunk_steps_past_the_episode_end_are_not_scored_and_the_stop_is():
+    # Two 2-step chunks; the second is the episode's closing stop, whose next step has no target.
+    true = np.array([[F, L], [STOP, (np.nan, np.nan)]], np.float32)
+    pred = np.array([[F, R], [STOP, (S, 0.0)]], np.float32)
+    scored = metrics.score(pred, true, S)
+    assert scored["first"]["direction_accuracy"] == 1.0 and scored["first"]["recall"]["STOP"] == 1.0
+    assert sum(scored["all"]["support"].values()) == 3  # F, L, STOP: the missing step is left out
+    assert scored["all"]["direction_accuracy"] == pytest.approx(2 / 3)  # the R for L is wrong
+    assert scored["all"]["mse"] == pytest.approx((2 * S) ** 2 / 3 / 2)  # one wrong y among 3 × 2 values
+    never_stops = metrics.score(np.array([[F, L], [F, F]], np.float32), true, S)["first"]
+    assert never_stops["recall"]["STOP"] == 0.0 and never_stops["precision"]["STOP"] is None
+
+
 def test_a_constant_predictor_scores_exactly_its_baseline():
     true = chunks(F, F, F, L, L, R, STOP, (S, S))
     baselines = metrics.constant_baselines(train_mean=(0.6, 0.1), action_scale=S)

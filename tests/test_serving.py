@@ -108,12 +108,14 @@ def test_a_constant_policy_scores_exactly_its_baseline(tiny_backbone_path, store
     result = evaluate(policy, store, _episode_ids(store), train_mean=(0.5, 0.0)).metrics
     assert result["model"] == result["baselines"][baseline]
     assert result["margin"]["first"]["direction_accuracy_margin"] <= 0
-    # 3 episodes × frames covered by windows (starts 0…13 for window 3 + chunk 2 of 18 frames),
-    # the episode_start frame left out
-    assert result["episodes"] == 3 and result["predictions"] == 3 * 15
+    # 3 episodes × every frame of 18 (the last, whose chunk runs past the end, included), the
+    # episode_start frame left out; all steps: the last frame's second step has no target
+    assert result["episodes"] == 3 and result["predictions"] == 3 * 17
+    assert sum(result["model"]["first"]["support"].values()) == 3 * 17
+    assert sum(result["model"]["all"]["support"].values()) == 3 * (17 * 2 - 1)
     assert result["instruction_sensitivity"]["flip_fraction_first"] == 0.0  # a constant ignores the text
     assert set(result["by_side"]) == {"left", "right"}
-    assert result["by_scenario"]["1box_hori_left"]["predictions"] == 30
+    assert result["by_scenario"]["1box_hori_left"]["predictions"] == 34
 
 
 def test_evaluation_targets_are_the_recorded_chunks(tiny_backbone_path, store):
@@ -121,9 +123,10 @@ def test_evaluation_targets_are_the_recorded_chunks(tiny_backbone_path, store):
     evaluation = evaluate(policy, store, _episode_ids(store)[:1], train_mean=(0.5, 0.0))
     episode = evaluation.episodes[0]
     recorded = scripted_actions(episode.side)[:, :2]
-    assert episode.frames.tolist() == list(range(1, 16))  # frame 0, episode_start, is not scored
-    np.testing.assert_array_equal(episode.true[:, 0], recorded[1:16])
-    np.testing.assert_array_equal(episode.true[:, 1], recorded[2:17])
+    assert episode.frames.tolist() == list(range(1, 18))  # frame 0, episode_start, is not scored
+    np.testing.assert_array_equal(episode.true[:, 0], recorded[1:18])
+    np.testing.assert_array_equal(episode.true[:-1, 1], recorded[2:18])
+    assert np.isnan(episode.true[-1, 1]).all()  # past the last recorded action: no target
     assert np.abs(episode.pred).max() <= ACTION_SCALE + 1e-6
     assert episode.pred_swapped is not None  # left/right episodes are also run with the sides swapped
 

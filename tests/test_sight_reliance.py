@@ -34,7 +34,8 @@ def _showing(actions: np.ndarray, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """LEFT (22 frames) and RIGHT (18 frames, its last one a right strafe no window of it covers)."""
+    """LEFT (22 frames) and RIGHT (18 frames, its last one a right strafe that only the windows whose
+    chunk runs past the last action cover: scored all the same)."""
     left, right = scripted_actions("left", frames=22), scripted_actions("right")
     right[17, :2] = [0.0, -ACTION_SCALE]
     folder = tmp_path_factory.mktemp("sight")
@@ -45,11 +46,14 @@ def store(tmp_path_factory):
 
 
 class StandIn(torch.nn.Module):
-    """What `evaluate` needs of a policy: `config`, `encode_images` and `head`."""
+    """What `evaluate` needs of a policy: `config`, `normalise`, `encode_images` and `head`."""
 
     def __init__(self):
         super().__init__()
         self.config = PolicyConfig.tiny()
+
+    def normalise(self, images) -> torch.Tensor:
+        return normalise_images(images)
 
     def head(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, W, 2) features, already the normalised action -> (B, W, chunk, 2)."""
@@ -95,33 +99,34 @@ def test_the_ablations_show_other_frames_at_the_same_indices(store):
     # Each prediction is the action of the frame shown: its own, the first frame's, the other episode's.
     np.testing.assert_array_equal(left.pred[:, 0], actions[LEFT][left.frames])
     np.testing.assert_array_equal(left.pred_first_frame[:, 0], np.zeros((len(left.frames), 2)))
-    # RIGHT has 18 frames: LEFT's frames 17, 18 and 19 are shown its last one (a right strafe).
+    # RIGHT has 18 frames: LEFT's frames 17 … 21 are shown its last one (a right strafe).
     np.testing.assert_array_equal(left.pred_other_episode[:, 0], actions[RIGHT][np.minimum(left.frames, 17)])
     np.testing.assert_array_equal(right.pred_other_episode[:, 0], actions[LEFT][right.frames])
 
     sight = evaluation.metrics["sight_reliance"]
-    assert left.frames.tolist() == list(range(1, 20)) and right.frames.tolist() == list(range(1, 16))
-    # On LEFT's frames 1…19 RIGHT's frames are wrong at 4, 5, 8, 9 (the other side) and 17, 18, 19
-    # (the clipped strafe): 12 of 19 right; on RIGHT's 1…15 LEFT's are wrong at 4, 5, 8, 9: 11 of 15.
-    assert sight["other_episodes"] == pytest.approx((12 + 11) / 34)
+    # Every command is scored, each episode's last one included.
+    assert left.frames.tolist() == list(range(1, 22)) and right.frames.tolist() == list(range(1, 18))
+    # On LEFT's frames 1…21 RIGHT's frames are wrong at 4, 5, 8, 9 (the other side) and 17 … 21
+    # (the strafe): 12 of 21 right; on RIGHT's 1…17 LEFT's are wrong at 4, 5, 8, 9 and 17: 12 of 17.
+    assert sight["other_episodes"] == pytest.approx((12 + 12) / 38)
     assert sight["real"] == 1.0 and sight["first_frame"] == 0.0  # the first frame shows STOP, never recorded after it
-    assert sight["drop"] == pytest.approx(1.0 - 23 / 34)  # the smaller drop
+    assert sight["drop"] == pytest.approx(1.0 - 24 / 38)  # the smaller drop
     assert sight["other_episodes_skipped"] is None and sight["other_episode_of"] == {LEFT: RIGHT, RIGHT: LEFT}
     numbers = headline(evaluation.metrics)
     assert numbers["direction_accuracy_first"] == 1.0 and numbers["direction_accuracy_first_frame"] == 0.0
-    assert numbers["direction_accuracy_other_episode"] == pytest.approx(23 / 34)
-    assert numbers["sight_reliance"] == pytest.approx(11 / 34)
+    assert numbers["direction_accuracy_other_episode"] == pytest.approx(24 / 38)
+    assert numbers["sight_reliance"] == pytest.approx(14 / 38)
 
 
 def test_a_policy_that_does_not_look_loses_nothing_and_keeps_its_instruction(store):
     path, actions = store
     sight = evaluate(DrivesOnTheInstruction(), path, [LEFT, RIGHT], train_mean=(0.5, 0.0)).metrics["sight_reliance"]
-    # LEFT: forward, right at 15 of its 19 frames; RIGHT: strafing right, at 4 and 5 of its 15. Told
-    # the other episode's instruction it would score LEFT 2/19 (8, 9) and RIGHT 11/15 instead.
-    true_left, true_right = actions[LEFT][1:20], actions[RIGHT][1:16]
-    real = (_direction_accuracy(np.tile([1.0, 0.0], (19, 1)), true_left) * 19
-            + _direction_accuracy(np.tile([0.0, -1.0], (15, 1)), true_right) * 15) / 34
-    assert real == pytest.approx(17 / 34)
+    # LEFT: forward, right at 17 of its 21 frames; RIGHT: strafing right, at 4, 5 and 17 of its 17.
+    # Told the other episode's instruction it would score LEFT 2/21 (8, 9) and RIGHT 14/17 instead.
+    true_left, true_right = actions[LEFT][1:22], actions[RIGHT][1:18]
+    real = (_direction_accuracy(np.tile([1.0, 0.0], (21, 1)), true_left) * 21
+            + _direction_accuracy(np.tile([0.0, -1.0], (17, 1)), true_right) * 17) / 38
+    assert real == pytest.approx(20 / 38)
     assert sight == {"real": pytest.approx(real), "first_frame": pytest.approx(real),
                      "other_episodes": pytest.approx(real), "drop": 0.0, "other_episodes_skipped": None,
                      "other_episode_of": {LEFT: RIGHT, RIGHT: LEFT}}

@@ -1,10 +1,12 @@
 """Score a policy on the validation episodes of the window store.
 
-Every frame a training window would cover (frames 0 … last window start + W - 1) is
-predicted once, from the window of up to W frames that ends at it: the prediction the robot
-gets from `StreamingPolicy.step` at that frame. Its target is the recorded chunk
-actions[t … t+C-1] in robot units. The `episode_start` frame is predicted but not scored: its
-zero action is no key press (training leaves it out too). The constant baselines and, given the training episodes,
+Every frame a training window covers (`schema.training_starts`: all of them, the last one, the
+operator's closing stop where he pressed one, included) is predicted once, from the window of up
+to W frames that ends at it: the prediction the robot gets from `StreamingPolicy.step` at that
+frame. Its target is the recorded chunk actions[t … t+C-1] in robot units; the steps of a chunk
+past the last recorded action have no target and are not scored (training masks them too). The
+`episode_start` frame is predicted but not scored: its zero action is no key press (training
+leaves it out too). The constant baselines and, given the training episodes,
 the scripted replay (`replay.py`) are scored on the same targets, and left/right episodes are
 predicted a second time with "left" and "right" swapped in the instruction.
 
@@ -28,8 +30,7 @@ import torch
 from . import metrics
 from .replay import ScriptedReplay, side_and_distance
 from ..policy.model import MobileVLAPolicy
-from ..policy.preprocess import normalise_images
-from ..data.schema import ACTION_DIMS, commanded, mirror_instruction, scenario_group, window_starts
+from ..data.schema import ACTION_DIMS, commanded, mirror_instruction, scenario_group, training_starts
 from ..policy.serving import sliding_window_actions
 from ..data.store import WindowStore
 
@@ -71,7 +72,7 @@ def predict_frames(policy: MobileVLAPolicy, images: np.ndarray, instruction: str
     """(T, 224, 224, 3) RGB frames of one episode -> (T × repeat, chunk, 2) actions in robot units;
     `repeat` shows each frame that many times in a row (encoded once)."""
     features = torch.cat([
-        policy.encode_images(normalise_images(images[i : i + ENCODE_BATCH]), [instruction] * len(images[i : i + ENCODE_BATCH]))
+        policy.encode_images(policy.normalise(images[i : i + ENCODE_BATCH]), [instruction] * len(images[i : i + ENCODE_BATCH]))
         for i in range(0, len(images), ENCODE_BATCH)
     ]).repeat_interleave(repeat, dim=0)
     return (sliding_window_actions(policy, features) * policy.config.action_scale).float().cpu().numpy()
@@ -83,6 +84,20 @@ def frames_at(store: WindowStore, episode_id: str, count: int) -> np.ndarray:
     return taken[np.minimum(np.arange(count), len(taken) - 1)]
 
 
+def covered_frames(group, window: int, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(images, scored frame indices, (N, chunk, 2) targets in robot units) of the frames a stored
+    episode's training windows cover: every frame, the last included; the scored ones are the
+    commands. Target steps past the last recorded action are NaN (`metrics.score` leaves them
+    out). None if the episode has no training window."""
+    num_frames = int(group.attrs["num_frames"])
+    if not training_starts(num_frames, window, chunk):
+        return None
+    actions = np.full((num_frames + chunk - 1, 2), np.nan, np.float32)
+    actions[:num_frames] = group["actions"][:num_frames, :2]
+    scored = np.flatnonzero(commanded(group["event_types"][:num_frames]))
+    return np.asarray(group["images"][:num_frames]), scored, actions[scored[:, None] + np.arange(chunk)[None, :]]
+
+
 def predict_episode(policy: MobileVLAPolicy, store: WindowStore, episode_id: str, swap_sides: bool = True,
                     sight_ablations: bool = False, other_episode_id: str | None = None) -> EpisodePredictions | None:
     """Predictions for the frames the episode's windows cover; None if it has no window.
@@ -91,18 +106,15 @@ def predict_episode(policy: MobileVLAPolicy, store: WindowStore, episode_id: str
     config = policy.config
     group = store.open_episode(episode_id)
     attrs = dict(group.attrs)
-    starts = window_starts(int(attrs["num_frames"]), config.window, config.chunk)
-    if not starts:
+    covered = covered_frames(group, config.window, config.chunk)
+    if covered is None:
         return None
-    frames = starts[-1] + config.window
-    images = np.asarray(group["images"][:frames])
-    actions = np.asarray(group["actions"][: frames + config.chunk - 1, :2], np.float32)
-    scored = np.flatnonzero(commanded(group["event_types"][:frames]))
-    steps = scored[:, None] + np.arange(config.chunk)[None, :]
+    images, scored, true = covered
+    frames = len(images)
     side = attrs.get("side")
     result = EpisodePredictions(
         episode_id=episode_id, side=side, scenario=scenario_group(attrs.get("scenario")), instruction=attrs["instruction"],
-        frames=scored, pred=predict_frames(policy, images, attrs["instruction"])[scored], true=actions[steps],
+        frames=scored, pred=predict_frames(policy, images, attrs["instruction"])[scored], true=true,
     )
     swapped = mirror_instruction(attrs["instruction"])
     if swap_sides and side in ("left", "right") and swapped != attrs["instruction"]:

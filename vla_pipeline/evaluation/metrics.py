@@ -72,13 +72,16 @@ def classification(pred_classes: np.ndarray, true_classes: np.ndarray) -> dict:
 
 
 def score(pred, true, action_scale: float, dead_band: float = DEFAULT_DEAD_BAND) -> dict:
-    """{"first": {...}, "all": {...}}: regression + direction metrics of `pred` against `true`."""
+    """{"first": {...}, "all": {...}}: regression + direction metrics of `pred` against `true`.
+    A NaN target (a chunk step past the episode's last action) is not scored."""
     pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
     if pred.shape != true.shape or pred.ndim != 3:
         raise ValueError(f"predictions {pred.shape} and targets {true.shape} must both be (N, chunk, 2)")
     out = {}
     for steps in STEPS:
         p, t = _steps(pred, steps), _steps(true, steps)
+        known = ~np.isnan(t).any(axis=-1)
+        p, t = p[known], t[known]
         directions = classification(direction_classes(p, action_scale, dead_band), direction_classes(t, action_scale, dead_band))
         out[steps] = {**regression(p, t), "direction_accuracy": directions.pop("accuracy"), **directions}
     return out

@@ -22,9 +22,8 @@ import cv2
 import numpy as np
 from . import metrics
 from .closed_loop import CAMERAS, WORLDS, PolicyDriver
-from .evaluate import predict_frames
+from .evaluate import covered_frames, predict_frames
 from ..data.instructions import HELD_OUT_PARAPHRASES, fill, parse_instruction
-from ..data.schema import commanded, window_starts
 from ..data.store import WindowStore
 from ..policy.serving import StreamingPolicy
 from ..sim.perturb import CONDITIONS, NOMINAL, PERTURBED
@@ -90,16 +89,11 @@ def offline_robustness(policy, store_path: Path | str, episode_ids: Sequence[str
     try:
         for number, episode_id in enumerate(episode_ids):
             group = store.open_episode(episode_id)
-            attrs = dict(group.attrs)
-            starts = window_starts(int(attrs["num_frames"]), config.window, config.chunk)
-            if not starts:
+            covered = covered_frames(group, config.window, config.chunk)
+            if covered is None:
                 continue
-            frames = starts[-1] + config.window
-            images = np.asarray(group["images"][:frames])
-            actions = np.asarray(group["actions"][: frames + config.chunk - 1, :2], np.float32)
-            scored = np.flatnonzero(commanded(group["event_types"][:frames]))
-            true = actions[scored[:, None] + np.arange(config.chunk)[None, :]]
-            instruction = attrs["instruction"]
+            images, scored, true = covered
+            instruction = group.attrs["instruction"]
             truths.append(true)
             for name in names:
                 shown = images if name == "unperturbed" else perturb_images(images, name)
