@@ -14,10 +14,10 @@ through the real `train()`. After every epoch the policy is scored through the r
 accuracy (the learning curve), against the best constant baseline and the scripted replay of
 the training episodes, and the instruction flip; the kept policy's table adds the stop press's
 recall and precision (the share of the operator's stops it makes, and of its stops that are his:
-a policy that stops early or never stops shows it here before it is driven). Then the kept policy drives in the sample
-episodes' world over `plan(--closed-loop, --closed-loop-seed)` beside the model-free drivers
-(the best blind one included) and with its camera frozen and blanked, as `closed_loop_metrics`
-drives it (`--closed-loop 0` skips it). The kept policy's robustness follows: offline, the
+a policy that stops early or never stops shows it here before it is driven). Then the kept
+policy drives in the sample episodes' world over `plan(--closed-loop, --closed-loop-seed)`
+beside the model-free drivers (the best blind one included) and with its camera frozen and
+blanked, as `closed_loop_metrics` drives it (`--closed-loop 0` skips it). The kept policy's robustness follows: offline, the
 accuracy under each image perturbation and a held-out wording on both episode sets; in closed loop,
 success over plan(--robustness, --closed-loop-seed) as trained and under every condition of
 `sim.perturb.CONDITIONS` (`--robustness 0` skips the closed-loop part). --policy/--train override
