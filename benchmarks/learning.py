@@ -4,7 +4,7 @@
                                             [--policy key=value ...] [--train key=value ...] [--json PATH]
                                             [--closed-loop 48] [--closed-loop-seed 11] [--robustness 24]
                                             [--vision key=value ...] [--every-epoch 24 7 11 ...]
-                                            [--score-every K]
+                                            [--score-every K] [--keep DIR]
 
 Writes N sample episodes (seed --seed) and 12 of another seed, ingests both with the store's
 default rules, splits the first set as `train_val_split` does (val_fraction 0.2) and trains
@@ -27,7 +27,8 @@ but the mirror) to measure what a choice buys; --vision overrides the small back
 (e.g. `--vision image_size=224`). `--every-epoch N SEED [SEED ...]` also drives the policy
 after every epoch over plan(N, SEED) for each seed (the policy alone: no baselines, no ablations),
 to see whether the epoch that drives best on one seed's scenes drives best on another's;
-`--score-every K` scores (and drives) after every K-th epoch and the last only. Always exits 0.
+`--score-every K` scores (and drives) after every K-th epoch and the last only; `--keep DIR` copies the
+kept policy to DIR, to drive it again (`vla-pipeline rollout DIR`). Always exits 0.
 """
 
 from __future__ import annotations
@@ -151,11 +152,15 @@ def main() -> int:
                         "(default 24; 0: none)")
     parser.add_argument("--score-every", type=int, default=1, metavar="K",
                         help="score (and drive, with --every-epoch) after every K-th epoch and the last only (default 1)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="copy the kept policy here (for `vla-pipeline rollout DIR`); the folder must not exist")
     parser.add_argument("--every-epoch", nargs="+", type=int, default=[], metavar="N SEED",
                         help="after every epoch, drive the policy alone over plan(N, SEED) for each SEED")
     args = parser.parse_args()
     if len(args.every_epoch) == 1:
         parser.error("--every-epoch: give the rollout count, then at least one plan seed")
+    if args.keep is not None and args.keep.exists():
+        parser.error(f"--keep {args.keep}: already exists")
     count, *seeds = args.every_epoch or [0]
     torch.set_num_threads(2)
     if args.vision:  # another small backbone, built once in a folder of its own
@@ -213,6 +218,9 @@ def main() -> int:
     from vla_pipeline.policy.model import load_policy_dir
 
     final = load_policy_dir(workdir / "run" / "policy")
+    if args.keep is not None:
+        shutil.copytree(workdir / "run" / "policy", args.keep)
+        print(f"kept policy copied to {args.keep}", flush=True)
     summary = {name: scores(evaluate(final, store, ids, mean, replay=replay).metrics)
                for name, store, ids in (("val", train_store, split.val), ("other", other_store, other_ids))}
     print(f"\nkept policy ({train_config.keep} epoch, as lora_adapter keeps it), {result.epochs} epochs in "
@@ -241,7 +249,7 @@ def main() -> int:
         print(f"robustness, plan({args.robustness}, {args.closed_loop_seed}): worst {robust['worst'][0]} "
               f"{robust['worst'][1]:.3f}, mean {robust['mean']:.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "curve": curve,
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json), "keep": args.keep and str(args.keep)}, "curve": curve,
                                          "summary": summary, "train_seconds": result.seconds,
                                          "closed_loop": driven, "offline_robustness": offline,
                                          "robustness": robust}, indent=1))

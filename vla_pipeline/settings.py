@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     cache: Path | None = Field(None, description="cache folder (batch-probe answers); unset: ~/.cache/vla_pipeline")
     tiny_backbone: Path | None = Field(None, description="where the tiny test backbone is built once")
     small_backbone: Path | None = Field(None, description="where the CPU preset's backbone is built once")
+    grounded_backbone: Path | None = Field(None, description="where the grounded small backbone is built once")
     serve_api_key: SecretStr | None = Field(None, description="the key `vla-pipeline serve` asks robots for "
                                                               "(Authorization: Api-Key <key>), and its clients send")
 

@@ -28,9 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..data.schema import ACTION_DIMS, ACTION_SCALE
 
 DEFAULT_BACKBONE = "microsoft/kosmos-2-patch14-224"
-# "full": Kosmos-2 as given; "small": the CPU preset's small Kosmos-2 built in-process; "tiny": the
+# "full": Kosmos-2 as given; "small": the CPU preset's small Kosmos-2 built in-process ("grounded": the
+# same, its image path pretrained on rendered rooms, `grounding.py`); "tiny": the
 # test-size one. The CPU preset is the small backbone plus its own training setup (`cpu()`).
-Preset = Literal["full", "tiny", "small"]
+Preset = Literal["full", "tiny", "small", "grounded"]
 CONFIG_VERSION = 1
 
 # The policy directory: what training writes and serving reads.
@@ -52,7 +53,7 @@ class PolicyConfig(BaseModel):
     """A Kosmos-2 policy with an LSTM policy head (RoboVLMs "policy-head history").
 
     `backbone` is a hub id or a local directory loaded with `from_pretrained`. With
-    preset "tiny" or "small" it must be a directory written by `save_local_backbone`, or
+    preset "tiny", "small" or "grounded" it must be a directory written by `save_local_backbone`, or
     anything else (e.g. the default hub id), in which case the preset's deterministic backbone
     is built into a cache directory first and loaded from there. A bad value raises a
     ValueError naming the field and what it accepts.
@@ -61,7 +62,9 @@ class PolicyConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     backbone: str = Field(DEFAULT_BACKBONE, description="hub id or save_pretrained folder")
-    preset: Preset = Field("full", description="full: Kosmos-2 as given; tiny / small: built in-process")
+    preset: Preset = Field("full", description=(
+        "full: Kosmos-2 as given; tiny / small: built in-process; grounded: small, its image path "
+        "pretrained on rendered rooms"))
     window: int = Field(8, ge=1, description="frames the head sees")
     chunk: int = Field(10, ge=1, description="actions predicted per frame")
     action_dim: int = Field(len(ACTION_DIMS), ge=1, description="actions per step: (linear_x, linear_y)")

@@ -77,7 +77,8 @@ def describe_setup(policy: PolicyConfig, train: TrainConfig) -> str:
     elif policy.freeze_backbone:
         what = "frozen backbone"
     else:
-        what = "the whole backbone, from its initial weights"
+        what = "the whole backbone" if policy.train_vision else "the backbone but its vision tower"
+        what += ", from its grounding-pretrained weights" if policy.preset == "grounded" else ", from its initial weights"
     head = f"{policy.action_head} head" + (f" ({policy.action_decode})" if policy.action_head != "regression" else "")
     extras = f", side probe ×{policy.side_loss_weight}" if policy.side_loss_weight else ""
     return (f"{what}; {head}{extras}; window {policy.window}, chunk {policy.chunk}; {train.epochs} epochs, "
