@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vla_pipeline"
 ALLOWED = {  # stage -> the stages its modules may import
     "data": {"data"},
     "sim": {"data", "sim"},
-    "policy": {"data", "policy"},
+    "policy": {"data", "sim", "policy"},  # sim: the grounded backbone's pretraining frames
     "training": {"data", "policy", "training"},
     "evaluation": {"data", "sim", "policy", "evaluation"},
     "serve": {"data", "policy", "serve"},
