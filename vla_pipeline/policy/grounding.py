@@ -33,7 +33,7 @@ JITTER = 0.5  # m: how far the shifted poses stray from the operator's, along ea
 RENDER_SIZE = (252, 448)  # (height, width): the collector's 16:9 frames, smaller
 LABELS = ("target_seen", "target_inverse_depth", "target_column", "obstacle_ahead", "obstacle_inverse_depth",
           "obstacle_left_column", "obstacle_right_column", "arrived")
-_SEEN, _ARRIVED = 0, 7
+_SEEN, _AHEAD, _ARRIVED = 0, 3, 7  # the flags: target seen, obstacle ahead, a stop arrives
 _TARGET_WHERE, _OBSTACLE_WHERE = (1, 2), (4, 5, 6)
 
 
@@ -104,13 +104,13 @@ def grounding_frames(scenes: int, seed: int = 0, log: Callable[[str], None] = pr
 
 def grounding_loss(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Flags by BCE (the arrival ×5); each place by Huber where its object is seen or ahead."""
-    flags = (_SEEN, 3, _ARRIVED)
+    flags = (_SEEN, _AHEAD, _ARRIVED)
     weight = torch.ones(len(flags), device=out.device)
     weight[-1] = 5.0
     bce = F.binary_cross_entropy_with_logits(out[:, flags], labels[:, flags], reduction="none")
     bce = (bce * torch.where(labels[:, flags] > 0.5, weight, 1.0)).mean()
     where = 0.0
-    for flag, columns in ((_SEEN, _TARGET_WHERE), (3, _OBSTACLE_WHERE)):
+    for flag, columns in ((_SEEN, _TARGET_WHERE), (_AHEAD, _OBSTACLE_WHERE)):
         mask = labels[:, flag] > 0.5
         if mask.any():
             where = where + F.smooth_l1_loss(out[mask][:, columns], labels[mask][:, columns], beta=0.1)
