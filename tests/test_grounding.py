@@ -89,7 +89,7 @@ def test_pretraining_reports_held_out_scores():
 def test_the_run_log_says_what_trains_on_the_grounded_backbone():
     from vla_pipeline.training.train_config import TrainConfig, describe_setup
 
-    grounded = PolicyConfig.cpu(preset="grounded", backbone="grounded", train_vision=False)
-    assert describe_setup(grounded, TrainConfig.cpu()).startswith(
+    assert describe_setup(PolicyConfig.cpu(), TrainConfig.cpu()).startswith(
         "the backbone but its vision tower, from its grounding-pretrained weights;")
-    assert describe_setup(PolicyConfig.cpu(), TrainConfig.cpu()).startswith("the whole backbone, from its initial weights;")
+    random = PolicyConfig.cpu(preset="small", backbone="small", train_vision=True)
+    assert describe_setup(random, TrainConfig.cpu()).startswith("the whole backbone, from its initial weights;")

@@ -1,4 +1,5 @@
-"""The CPU preset ("small"): its backbone, the classification head and the downsampled vision tower."""
+"""The CPU preset's small backbone (random, as "small"; its image path pretrained, as "grounded"), the
+classification head and the downsampled vision tower."""
 
 from __future__ import annotations
 
@@ -53,9 +54,13 @@ def test_image_reaches_the_action_token_at_init(small_dir):
     assert float(features.std(0).mean() / features.std(1).mean()) > 0.02
 
 
-def test_small_preset_trains_everything(small_dir):
+def test_the_cpu_preset_trains_all_but_the_vision_tower(small_dir):
     policy = build_policy(PolicyConfig.cpu(backbone=str(small_dir)))
-    assert all(p.requires_grad for p in policy.parameters())
+    for name, param in policy.named_parameters():
+        assert param.requires_grad != name.startswith("backbone.vision_model."), name
+    assert any(name.startswith("backbone.vision_model.") for name, _ in policy.named_parameters())
+    everything = build_policy(PolicyConfig.cpu(backbone=str(small_dir), preset="small", train_vision=True))
+    assert all(p.requires_grad for p in everything.parameters())
 
 
 @pytest.mark.parametrize("chunk", [1, 2])
@@ -115,7 +120,7 @@ def test_small_policy_round_trips(small_dir, tmp_path):
 
 def test_small_preset_without_a_directory_uses_the_cached_build(tmp_path, monkeypatch):
     monkeypatch.setenv("VLA_SMALL_BACKBONE", str(tmp_path / "cache"))
-    policy = build_policy(PolicyConfig.cpu())
+    policy = build_policy(PolicyConfig.cpu(preset="small", backbone="small"))
     assert (tmp_path / "cache" / "config.json").is_file()
     assert policy.kosmos.config.vision_config.hidden_size == 64
 

@@ -17,6 +17,7 @@ from resources import WindowStoreResource
 from vla_pipeline.data.ingest import ingest_episodes
 from vla_pipeline.training.split import load_split
 from vla_pipeline.data.store import WindowStore
+from vla_pipeline.policy.model import load_policy_dir
 from vla_pipeline.policy.policy_config import PolicyConfig
 from vla_pipeline.training.train_config import TrainConfig
 
@@ -87,12 +88,13 @@ def test_lora_adapter_trains_the_cpu_preset_and_records_mlflow(episode_dir, tmp_
     policy_dir = result.output_for_node("lora_adapter")
     assert (tmp_path / "models") in Path(policy_dir).parents
     metadata = result.asset_materializations_for_node("lora_adapter")[0].metadata
-    # VLA_MODEL=cpu is the CPU preset: a small backbone trained in full, not LoRA
-    assert metadata["trainable_parameters"].value == metadata["total_parameters"].value
+    # VLA_MODEL=cpu is the CPU preset: the grounded small backbone trained in full but its vision tower, not LoRA
+    vision = sum(p.numel() for p in load_policy_dir(policy_dir).kosmos.vision_model.parameters())
+    assert metadata["trainable_parameters"].value == metadata["total_parameters"].value - vision
     assert metadata["device"].value == "cpu (fp32)"
     run = mlflow.get_run(metadata["mlflow_run_id"].value)
     split = result.output_for_node("train_val_split")
-    assert run.data.params["policy.preset"] == "small" and run.data.params["policy.lora_enable"] == "False"
+    assert run.data.params["policy.preset"] == "grounded" and run.data.params["policy.lora_enable"] == "False"
     assert "CPU preset's own setup" in run.data.tags["setup"]
     assert run.data.params["train_episodes"] == str(len(split["train"])) != "0"
     assert "val_loss" in run.data.metrics and "best_val_loss" in run.data.metrics
@@ -245,7 +247,7 @@ def test_the_cpu_preset_keeps_its_earlier_names():
     cpu = TrainingConfig(model="cpu").configs()
     assert TrainingConfig(model="tiny").configs() == cpu == TrainingConfig(model="small").configs()
     policy, train = cpu
-    assert policy.preset == "small" and not policy.lora_enable and train.epochs == 20
+    assert policy.preset == "grounded" and not policy.lora_enable and train.epochs == 20
     changed, _ = TrainingConfig(model="cpu", policy={"lora_r": 8}).configs()
     assert changed == policy.replace(lora_r=8)
 

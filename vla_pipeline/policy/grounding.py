@@ -69,12 +69,11 @@ def pose_labels(pose: tuple[float, float], obstacles, target_xy: tuple[float, fl
 def grounding_frames(scenes: int, seed: int = 0, log: Callable[[str], None] = print):
     """(uint8 frames (N, 224, 224, 3) RGB, labels (N, len(LABELS)) float32) over `scenes` rooms."""
     from ..data.frames import model_frame
-    from ..sim.controllers import key_action
-    from ..sim.env import SIGHT_ENV_ID, BoxNavEnv
-    from ..sim.geometry import ROBOT_RADIUS
-    from ..sim.render import Camera
-    from ..sim.scene import PRESS_SECONDS
     from ..sim import varied
+    from ..sim.env import SIGHT_ENV_ID, BoxNavEnv
+    from ..sim.geometry import contact
+    from ..sim.operator import press_poses
+    from ..sim.render import Camera
 
     height, width = RENDER_SIZE
     half_view = (width / 2) / Camera.for_size(height, width).focal
@@ -85,15 +84,11 @@ def grounding_frames(scenes: int, seed: int = 0, log: Callable[[str], None] = pr
     for scene in range(scenes):
         _, info = env.reset(seed=int(rng.integers(2**31)))
         obstacles, target = info["obstacles"], info["target_xy"]
-        poses = [(0.0, 0.0)]
-        for key in varied.operator_keys(obstacles, target, info["side"])[:-1]:  # the last key: the stop
-            move = key_action(key) * PRESS_SECONDS
-            poses.append((poses[-1][0] + float(move[0]), poses[-1][1] + float(move[1])))
-        for x, y in poses:
+        keys = varied.operator_keys(obstacles, target, info["side"])
+        for x, y in press_poses(keys)[1][1:]:  # the pose at each press, the closing stop's included
             for pose in ((x, y), (x + rng.uniform(-JITTER, JITTER), y + rng.uniform(-JITTER, JITTER))):
-                if any(x0 - ROBOT_RADIUS < pose[0] < x1 + ROBOT_RADIUS and y0 - ROBOT_RADIUS < pose[1] < y1 + ROBOT_RADIUS
-                       for x0, x1, y0, y1 in obstacles):
-                    continue  # inside a box: no camera stands there
+                if contact(pose, obstacles):
+                    continue  # against a box or the back wall: no camera stands there
                 frames.append(model_frame(env.episode.renderer.frame(*pose), "BGR"))
                 labels.append(pose_labels(pose, obstacles, target, half_view))
         if (scene + 1) % 100 == 0 or scene + 1 == scenes:

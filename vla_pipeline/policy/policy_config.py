@@ -118,16 +118,18 @@ class PolicyConfig(BaseModel):
 
     @classmethod
     def cpu(cls, **overrides: Any) -> PolicyConfig:
-        """The CPU preset (`VLA_MODEL=cpu`): a small random Kosmos-2 trained in full — LoRA on
-        random weights learns nothing — with a classification head, the side probe and the most
-        likely class as the action, and the episode's closing stop weighted ×6 (one step among ~20:
-        unweighted, the policy never stops); learns the v0 task in a few minutes on 2 cores with
-        `TrainConfig.cpu()` (benchmarks/learning.py measures it)."""
+        """The CPU preset (`VLA_MODEL=cpu`): the grounded small Kosmos-2 (its image path pretrained
+        on rendered rooms, kept frozen) with the rest trained in full — LoRA on random weights
+        learns nothing — with a classification head, the side probe and the most likely class as
+        the action, and the episode's closing stop weighted ×6 (one step among ~20: unweighted, the
+        policy never stops); learns the task in a few minutes on 2 cores with `TrainConfig.cpu()`
+        (benchmarks/learning.py measures it). `preset="small", train_vision=True`: the same model
+        from a random backbone, its vision tower trained too."""
         values: dict[str, Any] = dict(
-            preset="small", backbone="small", window=8, chunk=1, lstm_hidden=64, lstm_layers=1,
+            preset="grounded", backbone="grounded", window=8, chunk=1, lstm_hidden=64, lstm_layers=1,
             action_head="classification", side_loss_weight=0.5, action_decode="argmax", lora_enable=False,
             stop_loss_weight=6.0,
-            train_vision=True, train_text_embedding=True, gradient_checkpointing=False,
+            train_vision=False, train_text_embedding=True, gradient_checkpointing=False,
         )
         return cls(**{**values, **overrides})
 

@@ -68,7 +68,8 @@ def run_training(policy: PolicyConfig, train_config: TrainConfig, store: WindowS
     snapshot = data_snapshot(split.train, split.val, hashes)
     fingerprint = training_fingerprint(policy, train_config, snapshot)
     output_dir = Path(models_dir) / f"lora-{fingerprint}"
-    what = "the CPU preset (a small Kosmos-2 built in-process)" if policy.preset == "small" else policy.backbone
+    what = {"small": "a small Kosmos-2 built in-process", "grounded": "the CPU preset (a small Kosmos-2 built "
+            "in-process, its image path grounding-pretrained)"}.get(policy.preset, policy.backbone)
     log(f"training {what} into {output_dir}")
     setup = describe_setup(policy, train_config)
     log(f"setup: {setup}")

@@ -83,4 +83,4 @@ def describe_setup(policy: PolicyConfig, train: TrainConfig) -> str:
     extras = f", side probe ×{policy.side_loss_weight}" if policy.side_loss_weight else ""
     return (f"{what}; {head}{extras}; window {policy.window}, chunk {policy.chunk}; {train.epochs} epochs, "
             f"batch {train.batch_size} × {train.grad_accum}, lr {train.lr:g}, warm-up {train.warmup_steps} steps"
-            + (" (the CPU preset's own setup, not the full-size default)" if policy.preset == "small" else ""))
+            + (" (the CPU preset's own setup, not the full-size default)" if policy.preset in ("small", "grounded") else ""))
