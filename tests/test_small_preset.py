@@ -177,3 +177,32 @@ def test_joint_head_loss_is_the_cross_entropy_of_the_pressed_combination(small_d
     assert policy.head.mlp[-1].weight.grad.abs().sum() > 0
     actions = policy.predict(batch["images"], batch["instructions"]) / ACTION_SCALE
     assert actions.shape == (2, 2, 2) and all([round(v, 4) for v in step] in combos for step in actions.flatten(0, 1).tolist())
+
+
+def test_a_grounded_policy_keeps_the_frozen_tower_it_trained_with(small_dir, tmp_path):
+    """The grounded build trains into a cache folder (not bit-for-bit the same on another machine or
+    version): the policy folder holds the tower it was trained with, and still loads without it."""
+    from safetensors.torch import load_file, save_file
+
+    from vla_pipeline.policy.policy_config import WEIGHTS_FILE
+
+    policy = build_policy(PolicyConfig.cpu(backbone=str(small_dir))).eval()
+    with torch.no_grad():
+        for param in policy.backbone.vision_model.parameters():  # a tower unlike the folder's
+            param.add_(torch.randn_like(param) * 0.05)
+    pixels = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = policy.encode_images(pixels, [LEFT, RIGHT])
+    save_policy(policy, tmp_path / "policy")
+    with torch.no_grad():
+        torch.testing.assert_close(load_policy_dir(tmp_path / "policy").encode_images(pixels, [LEFT, RIGHT]), before)
+
+    weights = tmp_path / "policy" / WEIGHTS_FILE
+    trained = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("backbone.vision_model.")}
+    save_file(trained, str(weights))  # as written before the frozen parts were kept: the build's tower
+    with torch.no_grad():
+        assert not torch.allclose(load_policy_dir(tmp_path / "policy").encode_images(pixels, [LEFT, RIGHT]), before)
+
+    random_preset = build_policy(PolicyConfig.cpu(backbone=str(small_dir), preset="small"))
+    save_policy(random_preset, tmp_path / "small")  # its build is a seeded init: only what trains is kept
+    assert not any(k.startswith("backbone.vision_model.") for k in load_file(str(tmp_path / "small" / WEIGHTS_FILE)))

@@ -49,8 +49,9 @@ LOCAL_BACKBONES = {
                     image_size=IMAGE_SIZE, patch_size=16),
         latent_query_num=8, seed=TINY_SEED, version=TINY_VERSION, image_signal_init=False,
     ),
-    # The CPU preset: trained in full from scratch in a few minutes on 2 cores
-    # (benchmarks/learning.py). Its vision tower sees the 224×224 frames area-averaged to 112×112.
+    # The CPU preset's small Kosmos-2 (its backbone is "grounded", below; this random one still trains
+    # in full in a few minutes on 2 cores, benchmarks/learning.py). Its vision tower sees the 224×224
+    # frames area-averaged to 112×112.
     "small": dict(
         text=dict(embed_dim=64, layers=2, ffn_dim=128, attention_heads=2, init_std=0.1),
         vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,

@@ -371,6 +371,16 @@ class MobileVLAPolicy(nn.Module):
         )
         return state
 
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """What a policy folder holds: `trainable_state`, and on the grounded preset without LoRA its
+        frozen backbone parts too. Those come from a build that trains (`grounding.py`) into a cache
+        folder: neither bit-for-bit the same on another machine nor the same after a version bump, so
+        the policy keeps the ones it trained with (~1 MB)."""
+        state = self.trainable_state()
+        if self.config.preset == "grounded" and not self.config.lora_enable:
+            state.update({f"backbone.{name}": p for name, p in self.kosmos.named_parameters()})
+        return state
+
 
 def apply_trainability(policy: MobileVLAPolicy) -> None:
     """Set requires_grad on every parameter by the rules in `vla_pipeline.policy.policy_config`."""
@@ -428,7 +438,7 @@ def save_policy(policy: MobileVLAPolicy, directory) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     if policy.config.lora_enable:
         policy.backbone.save_pretrained(str(directory / ADAPTER_DIR), save_embedding_layers=False)
-    state = {name: t.detach().to("cpu").contiguous().clone() for name, t in policy.trainable_state().items()}
+    state = {name: t.detach().to("cpu").contiguous().clone() for name, t in policy.saved_state().items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "prompt_template": PROMPT_TEMPLATE})
     (directory / CONFIG_FILE).write_text(policy.config.to_json() + "\n")
     return directory
@@ -468,11 +478,12 @@ def load_policy_dir(
                 raise ValueError(f"{adapter}: adapter does not match: missing {missing[:5]}, "
                                  f"unexpected {list(result.unexpected_keys)[:5]}")
     saved = load_file(str(directory / WEIGHTS_FILE))
-    expected = policy.trainable_state()
-    if set(saved) != set(expected):
-        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    expected, kept = policy.trainable_state(), policy.saved_state()
+    # A folder without the frozen parts (written before they were kept) takes them from the build.
+    missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(kept))
+    if missing or extra:
         raise ValueError(f"{directory / WEIGHTS_FILE} does not match the config: missing {missing[:5]}, extra {extra[:5]}")
     with torch.no_grad():
-        for name, param in expected.items():
-            param.copy_(saved[name].to(param.dtype))
+        for name in saved:
+            kept[name].copy_(saved[name].to(kept[name].dtype))
     return policy if into is not None else policy.eval()

@@ -36,7 +36,7 @@ CONFIG_VERSION = 1
 
 # The policy directory: what training writes and serving reads.
 CONFIG_FILE = "policy_config.json"  # this PolicyConfig
-WEIGHTS_FILE = "policy.safetensors"  # action token, head and any fully trained backbone part
+WEIGHTS_FILE = "policy.safetensors"  # action token, head, any fully trained backbone part (grounded: all of it)
 ADAPTER_DIR = "adapter"  # the LoRA adapter (peft)
 ACTION_STATS_FILE = "action_stats.json"  # the training set's action statistics
 
@@ -119,7 +119,7 @@ class PolicyConfig(BaseModel):
     @classmethod
     def cpu(cls, **overrides: Any) -> PolicyConfig:
         """The CPU preset (`VLA_MODEL=cpu`): the grounded small Kosmos-2 (its image path pretrained
-        on rendered rooms, kept frozen) with the rest trained in full — LoRA on random weights
+        on rendered rooms; its vision tower kept so) with the rest trained in full — LoRA on random weights
         learns nothing — with a classification head, the side probe and the most likely class as
         the action, and the episode's closing stop weighted ×6 (one step among ~20: unweighted, the
         policy never stops); learns the task in a few minutes on 2 cores with `TrainConfig.cpu()`

@@ -60,7 +60,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def cpu(cls, **overrides: Any) -> TrainConfig:
         """Training for `PolicyConfig.cpu()` on a CPU (benchmarks/learning.py): a high lr for a
-        small model trained from scratch, 60 warm-up steps, the last epoch's policy kept, and the
+        small model whose text side trains from scratch, 60 warm-up steps, the last epoch's policy kept, and the
         mirror as its only augmentation: the others buy robustness but take the demo's training
         from 329 s to 520 s, past its budget (docs/performance.md, "What augmentation buys")."""
         return cls(**{**dict(epochs=20, batch_size=8, grad_accum=1, lr=2e-3, warmup_steps=60, keep="last",
