@@ -144,7 +144,14 @@ def test_lora_adapter_trains_in_two_processes_through_pipes(episode_dir, tmp_pat
     from resources import ComputeResource
     from vla_pipeline.policy.model import load_policy_dir
 
+    from vla_pipeline.policy.backbone import LOCAL_BACKBONES
+
     store_path = _training_setup(episode_dir, tmp_path, monkeypatch)
+    # A backbone not built yet (a fresh machine), its pretraining cut short: this process builds it
+    # once, with its lines in the run log, and the training processes load it.
+    monkeypatch.setenv("VLA_GROUNDED_BACKBONE", str(tmp_path / "grounded"))
+    monkeypatch.setitem(LOCAL_BACKBONES, "grounded", dict(LOCAL_BACKBONES["grounded"],
+                                                          grounding=dict(scenes=2, epochs=1, seed=0)))
     config = {"model": "cpu", "train": {"epochs": 2, "batch_size": 1, "grad_accum": 1, "log_every": 1}}
     with dg.DagsterInstance.ephemeral() as instance:
         result = dg.materialize(
@@ -155,6 +162,9 @@ def test_lora_adapter_trains_in_two_processes_through_pipes(episode_dir, tmp_pat
         )
         assert result.success
         messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert sum(m.startswith("building the grounded backbone into ") for m in messages) == 1, messages
+    assert sum(m.startswith("grounding: epoch 1/1") for m in messages) == 1, messages
+    assert (tmp_path / "grounded" / "config.json").is_file()
     assert any(m.startswith("launching 2 training processes through Dagster Pipes") for m in messages), messages
     assert any("2 processes" in m and m.startswith("training on CPU") for m in messages), messages
     assert sum(m.startswith("epoch 2:") for m in messages) == 1  # the main process's lines, once

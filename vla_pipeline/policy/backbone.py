@@ -7,6 +7,8 @@ import copy
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,8 +67,13 @@ LOCAL_BACKBONES["grounded"] = dict(copy.deepcopy(LOCAL_BACKBONES["small"]), vers
                                    grounding=dict(scenes=300, epochs=6, seed=0))
 
 
-def build_local_backbone(preset: str):
-    """(Kosmos2Model, Kosmos2Processor) of a LOCAL_BACKBONES preset, with a deterministic init.
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def build_local_backbone(preset: str, log: Callable[[str], None] = _print):
+    """(Kosmos2Model, Kosmos2Processor) of a LOCAL_BACKBONES preset, with a deterministic init;
+    `log` gets a build's progress lines (the grounded preset's pretraining).
 
     The processor's tokenizer gets Kosmos-2's tag tokens (`<image>`, `</image>`, ...) added
     by `Kosmos2Processor` itself, exactly as for the hub checkpoint.
@@ -102,31 +109,35 @@ def build_local_backbone(preset: str):
     if "grounding" in spec:
         from .grounding import pretrain_grounding
 
-        pretrain_grounding(model, **spec["grounding"], log=lambda line: print(line, flush=True))
+        pretrain_grounding(model, **spec["grounding"], log=log)
     return model, processor
 
 
-def save_local_backbone(directory, preset: str = "tiny") -> Path:
+def save_local_backbone(directory, preset: str = "tiny", log: Callable[[str], None] = _print) -> Path:
     """Write a local backbone (model + processor) with `save_pretrained`; load it back
     through the same `from_pretrained` path as the hub checkpoint."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model, processor = build_local_backbone(preset)
+    model, processor = build_local_backbone(preset, log)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
 
 
-def local_backbone_dir(preset: str = "tiny") -> Path:
-    """The cached backbone of a local preset ($VLA_TINY_BACKBONE / $VLA_SMALL_BACKBONE or a
-    folder under the temp dir), built once."""
+def local_backbone_dir(preset: str = "tiny", log: Callable[[str], None] = _print) -> Path:
+    """The cached backbone of a local preset ($VLA_TINY_BACKBONE / $VLA_SMALL_BACKBONE /
+    $VLA_GROUNDED_BACKBONE or a folder under the temp dir), built once; `log` gets a line when it
+    is built, and the build's own."""
     version = LOCAL_BACKBONES[preset]["version"]
     default = Path(tempfile.gettempdir()) / f"vla_pipeline-kosmos2-{preset}-v{version}"
     target = getattr(settings(), f"{preset}_backbone") or default
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-        save_local_backbone(staging, preset)
+        log(f"building the {preset} backbone into {target} (once per folder)")
+        started = time.perf_counter()
+        save_local_backbone(staging, preset, log)
+        log(f"built the {preset} backbone in {time.perf_counter() - started:.0f} s")
         try:
             os.replace(staging, target)
         except OSError:  # another process got there first

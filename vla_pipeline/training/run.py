@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.store import WindowStore
+from ..policy.backbone import LOCAL_BACKBONES, local_backbone_dir
 from ..policy.policy_config import PolicyConfig
 from ..tracking import RUN_ID_FILE, data_snapshot, experiment_id, flat_params
 from .compute import ComputeSettings, plan_compute
@@ -73,6 +74,8 @@ def run_training(policy: PolicyConfig, train_config: TrainConfig, store: WindowS
     log(f"training {what} into {output_dir}")
     setup = describe_setup(policy, train_config)
     log(f"setup: {setup}")
+    if policy.preset in LOCAL_BACKBONES and not Path(policy.backbone).is_dir():
+        local_backbone_dir(policy.preset, log)  # built here once, not by each training process
     if compute.processes > 1 and launch is None:
         raise ValueError(f"{compute.processes} processes need a launcher: materialize lora_adapter, or run "
                          "torchrun -m vla_pipeline.training.launch on a spec (training/launch.py)")
