@@ -206,3 +206,27 @@ def test_a_grounded_policy_keeps_the_frozen_tower_it_trained_with(small_dir, tmp
     random_preset = build_policy(PolicyConfig.cpu(backbone=str(small_dir), preset="small"))
     save_policy(random_preset, tmp_path / "small")  # its build is a seeded init: only what trains is kept
     assert not any(k.startswith("backbone.vision_model.") for k in load_file(str(tmp_path / "small" / WEIGHTS_FILE)))
+
+
+def test_a_grounded_policy_folder_loads_without_the_grounded_build(small_dir, tmp_path, monkeypatch):
+    """It holds its whole backbone, so a machine without the grounded build (minutes of pretraining)
+    loads it on the small build's architecture and processor instead, and predicts the same."""
+    import json
+
+    from vla_pipeline.policy.policy_config import CONFIG_FILE
+
+    policy = build_policy(PolicyConfig.cpu(backbone=str(small_dir))).eval()
+    with torch.no_grad():
+        for param in policy.parameters():  # as if trained and pretrained
+            param.add_(torch.randn_like(param) * 0.05)
+    pixels = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = policy.encode_images(pixels, [LEFT, RIGHT])
+    save_policy(policy, tmp_path / "policy")
+    config = json.loads((tmp_path / "policy" / CONFIG_FILE).read_text())
+    (tmp_path / "policy" / CONFIG_FILE).write_text(json.dumps({**config, "backbone": "grounded"}))  # as trained
+    monkeypatch.setenv("VLA_GROUNDED_BACKBONE", str(tmp_path / "no-grounded-build"))
+    loaded = load_policy_dir(tmp_path / "policy")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_images(pixels, [LEFT, RIGHT]), before)
+    assert loaded.config.preset == "grounded" and not (tmp_path / "no-grounded-build").exists()

@@ -41,7 +41,7 @@ def export_bundle(policy_dir: Path | str, out_dir: Path | str, dtype: str = "fp1
     staging = out_dir.parent / f".{out_dir.name}.exporting"
     shutil.rmtree(staging, ignore_errors=True)
     kosmos.to(DTYPES[dtype]).save_pretrained(staging)
-    load_processor(trained).save_pretrained(staging)
+    load_processor(policy.config).save_pretrained(staging)  # the backbone it was loaded from
     # What trained in the backbone is now part of it: the bundle's policy trains nothing there.
     deployed = trained.replace(lora_enable=False, freeze_backbone=True, train_vision=False, train_text_embedding=False,
                                train_decoder_layers=-1, gradient_checkpointing=False, backbone=".")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbone import load_backbone
+from .backbone import load_backbone, local_backbone_dir
 from .policy_config import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE, PolicyConfig, read_policy_config
 from .preprocess import PROMPT_TEMPLATE, encode_prompts, normalise_images
 from ..data.schema import DEAD_BAND, IMAGE_SIZE
@@ -444,6 +444,13 @@ def save_policy(policy: MobileVLAPolicy, directory) -> Path:
     return directory
 
 
+def _holds_the_tower(directory: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_FILE), "pt") as weights:
+        return any(key.startswith("backbone.vision_model.") for key in weights.keys())
+
+
 def load_policy_dir(
     directory, backbone_override=None, dtype: torch.dtype | None = None, into: MobileVLAPolicy | None = None
 ) -> MobileVLAPolicy:
@@ -460,6 +467,10 @@ def load_policy_dir(
         config = config.replace(backbone=str(backbone_override))
     elif config.backbone == ".":  # a deploy bundle: the backbone is the folder itself
         config = config.replace(backbone=str(directory))
+    elif config.preset == "grounded" and not Path(config.backbone).is_dir() and _holds_the_tower(directory):
+        # The folder holds its whole backbone (`saved_state`): the small build, seconds to make, gives the
+        # same architecture and processor without the grounded build's minutes of pretraining.
+        config = config.replace(backbone=str(local_backbone_dir("small")))
     adapter = directory / ADAPTER_DIR if config.lora_enable else None
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: LoRA adapter missing (config has lora_enable)")
