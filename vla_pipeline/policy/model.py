@@ -447,6 +447,8 @@ def save_policy(policy: MobileVLAPolicy, directory) -> Path:
 def _holds_the_tower(directory: Path) -> bool:
     from safetensors import safe_open
 
+    if not (directory / WEIGHTS_FILE).is_file():
+        return False  # the load below says what is missing
     with safe_open(str(directory / WEIGHTS_FILE), "pt") as weights:
         return any(key.startswith("backbone.vision_model.") for key in weights.keys())
 
