@@ -37,10 +37,10 @@ def ending(record: dict) -> str:
     (x, y), (tx, ty) = record["path"][-1], record["target_xy"]
     side = abs(ty - y)
     lined = "lined up" if side <= 0.3 else "a strafe off" if side <= 0.8 else "more than a strafe off"
-    ahead = tx - x
-    if 0.6 <= ahead <= 1.15:
+    ahead, (near, far) = tx - x, varied.ARRIVAL_DISTANCE
+    if near <= ahead <= far:
         distance = "at the arrival distance"
-    elif ahead > 1.15:
+    elif ahead > far:
         distance = "a press early" if ahead <= 1.7 else "earlier"
     else:
         distance = "a press late" if ahead >= 0.3 else "later"

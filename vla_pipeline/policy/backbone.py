@@ -164,10 +164,13 @@ def backbone_source(config: PolicyConfig) -> tuple[str, dict]:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # the pipeline prints its own progress lines
-    source = config.backbone
-    if config.preset in LOCAL_BACKBONES and not Path(source).is_dir():
-        source = str(local_backbone_dir(config.preset))
+    source = str(local_backbone_dir(config.preset)) if uses_local_build(config) else config.backbone
     return resolve_backbone(source)
+
+
+def uses_local_build(config: PolicyConfig) -> bool:
+    """Whether the config's backbone is its local preset's cached build (no folder named instead)."""
+    return config.preset in LOCAL_BACKBONES and not Path(config.backbone).is_dir()
 
 
 def load_processor(config: PolicyConfig):

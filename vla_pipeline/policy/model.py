@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbone import load_backbone, local_backbone_dir
+from .backbone import load_backbone, local_backbone_dir, uses_local_build
 from .policy_config import ADAPTER_DIR, CONFIG_FILE, WEIGHTS_FILE, PolicyConfig, read_policy_config
 from .preprocess import PROMPT_TEMPLATE, encode_prompts, normalise_images
 from ..data.schema import DEAD_BAND, IMAGE_SIZE
@@ -469,7 +469,7 @@ def load_policy_dir(
         config = config.replace(backbone=str(backbone_override))
     elif config.backbone == ".":  # a deploy bundle: the backbone is the folder itself
         config = config.replace(backbone=str(directory))
-    elif config.preset == "grounded" and not Path(config.backbone).is_dir() and _holds_the_tower(directory):
+    elif config.preset == "grounded" and uses_local_build(config) and _holds_the_tower(directory):
         # The folder holds its whole backbone (`saved_state`): the small build, seconds to make, gives the
         # same architecture and processor without the grounded build's minutes of pretraining.
         config = config.replace(backbone=str(local_backbone_dir("small")))

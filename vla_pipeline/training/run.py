@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.store import WindowStore
-from ..policy.backbone import LOCAL_BACKBONES, local_backbone_dir
+from ..policy.backbone import local_backbone_dir, uses_local_build
 from ..policy.policy_config import PolicyConfig
 from ..tracking import RUN_ID_FILE, data_snapshot, experiment_id, flat_params
 from .compute import ComputeSettings, plan_compute
@@ -74,7 +74,7 @@ def run_training(policy: PolicyConfig, train_config: TrainConfig, store: WindowS
     log(f"training {what} into {output_dir}")
     setup = describe_setup(policy, train_config)
     log(f"setup: {setup}")
-    if policy.preset in LOCAL_BACKBONES and not Path(policy.backbone).is_dir():
+    if uses_local_build(policy):
         local_backbone_dir(policy.preset, log)  # built here once, not by each training process
     if compute.processes > 1 and launch is None:
         raise ValueError(f"{compute.processes} processes need a launcher: materialize lora_adapter, or run "
