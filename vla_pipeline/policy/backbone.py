@@ -62,7 +62,7 @@ LOCAL_BACKBONES = {
     ),
 }
 # "small", then its vision tower and projection pretrained to ground the room's objects in rendered
-# frames (`grounding.pretrain_grounding`; ~2.5 min on 2 cores, once per cache folder).
+# frames (`grounding.pretrain_grounding`; ~3 min on 2 cores, once per cache folder).
 LOCAL_BACKBONES["grounded"] = dict(copy.deepcopy(LOCAL_BACKBONES["small"]), version=GROUNDED_VERSION,
                                    grounding=dict(scenes=300, epochs=6, seed=0))
 
